@@ -12,8 +12,8 @@ Conventions
   always give finite divergences.
 
 Sections: 1. divergences between categorical distributions; 2. sequence KL and its Monte-Carlo
-estimators; 3. the losses (GRPO, 1-0 REINFORCE, KL penalty, SFT, SimPO); 4. the forgetting law
-(polynomial fit, bootstrap R^2, Pareto frontier).
+estimators; 3. the losses (GRPO, 1-0 REINFORCE, KL penalty, SFT, SimPO) and representation
+similarity; 4. the forgetting law (polynomial fit, bootstrap R^2, Pareto frontier).
 """
 import math
 
@@ -235,6 +235,19 @@ def simpo_loss(chosen_logprobs, rejected_logprobs, margin=1.0):
     scale by beta; the paper drops both.)
     """
     return -F.logsigmoid(chosen_logprobs - rejected_logprobs - margin).mean()
+
+
+def linear_cka(features, base_features):
+    """Linear centred kernel alignment between two representations of the same n inputs, in [0, 1].
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred X [n, d1], Y [n, d2]
+    (Kornblith et al., 2019, Eq. 5). 1 means the same representation up to rotation and isotropic
+    scaling. The paper's App. C.1 uses CKNNA, a nearest-neighbour variant; this is its simple cousin.
+    """
+    x = features.double() - features.double().mean(0)
+    y = base_features.double() - base_features.double().mean(0)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
 
 
 # --------------------------------------------------------------------------------------------------
