@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 
-.PHONY: demo reproduce test bench data
+.PHONY: reproduce demo test bench data
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -21,8 +21,14 @@ data:
 	  if [ ! -e data/$$d ] && [ -d $(SHARED_DATA)/$$d ]; then ln -s "$$(cd $(SHARED_DATA)/$$d && pwd)" data/$$d; fi; \
 	done
 
+reproduce: $(VENV)/installed data
+	$(PY) parity_mnist.py --reproduce
+
 demo: $(VENV)/installed data
 	$(PY) parity_mnist.py --method rl
+
+bench: $(VENV)/installed data
+	$(PY) parity_mnist.py --bench
 
 test: $(VENV)/installed data
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q

@@ -21,6 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+def _full_precision(tensor):
+    """Integers and bf16/fp16 become float32 (or the default float type); float32/64 stay as they are.
+    Log-probabilities of a bf16 model are computed in float32 (PAPER.md §8, pitfalls)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor if tensor.dtype.is_floating_point else tensor.to(torch.get_default_dtype())
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. Divergences between categorical distributions given as logits (paper §3, Table 1)
 # --------------------------------------------------------------------------------------------------
@@ -32,7 +40,8 @@ def forward_kl(base_logits, logits):
     The paper's forgetting predictor (§3, Eq. 1), with expectations under the *base* policy pi0.
     Evaluate it on new-task inputs and average over them.
     """
-    base_logp, logp = F.log_softmax(base_logits, -1), F.log_softmax(logits, -1)
+    base_logp = F.log_softmax(_full_precision(base_logits), -1)
+    logp = F.log_softmax(_full_precision(logits), -1)
     return (base_logp.exp() * (base_logp - logp)).sum(-1)
 
 
@@ -41,14 +50,18 @@ def reverse_kl(base_logits, logits):
     return forward_kl(logits, base_logits)
 
 
+def _probability_difference(base_logits, logits):
+    return F.softmax(_full_precision(base_logits), -1) - F.softmax(_full_precision(logits), -1)
+
+
 def total_variation(base_logits, logits):
     """Total variation 0.5 * sum_y |pi0(y) - pi(y)|, per input (Table 1)."""
-    return 0.5 * (F.softmax(base_logits, -1) - F.softmax(logits, -1)).abs().sum(-1)
+    return 0.5 * _probability_difference(base_logits, logits).abs().sum(-1)
 
 
 def l2_distance(base_logits, logits):
     """Euclidean distance between the probability vectors, ||pi0 - pi||_2, per input (Table 1)."""
-    return torch.linalg.vector_norm(F.softmax(base_logits, -1) - F.softmax(logits, -1), dim=-1)
+    return torch.linalg.vector_norm(_probability_difference(base_logits, logits), dim=-1)
 
 
 def js_divergence(base_logits, logits):
@@ -56,7 +69,8 @@ def js_divergence(base_logits, logits):
 
     log m is formed with logaddexp so that near-degenerate inputs stay finite (Lin, 1991).
     """
-    base_logp, logp = F.log_softmax(base_logits, -1), F.log_softmax(logits, -1)
+    base_logp = F.log_softmax(_full_precision(base_logits), -1)
+    logp = F.log_softmax(_full_precision(logits), -1)
     log_mix = torch.logaddexp(base_logp, logp) - math.log(2.0)
     half_kl = lambda lp: (lp.exp() * (lp - log_mix)).sum(-1)  # noqa: E731
     return 0.5 * half_kl(base_logp) + 0.5 * half_kl(logp)
@@ -94,7 +108,7 @@ def restrict_to_correct(base_logits, correct):
 
 def token_logprobs(logits, tokens):
     """log pi(token_t | prefix) for each position: logits [..., T, V], tokens [..., T] -> [..., T]."""
-    return F.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(_full_precision(logits), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_forward_kl(base_logits, logits, mask):
@@ -106,7 +120,7 @@ def sequence_forward_kl(base_logits, logits, mask):
     Returns {"sum": per-sequence sum [B], "mean": per-token mean [B]}.
     """
     mask = mask.to(torch.float32)
-    per_token = forward_kl(base_logits.float(), logits.float()) * mask
+    per_token = forward_kl(base_logits, logits) * mask
     total = per_token.sum(-1)
     return {"sum": total, "mean": total / mask.sum(-1).clamp(min=1)}
 
@@ -125,7 +139,7 @@ def kl_estimators(base_logprobs, logprobs, mask):
     Returns {"k1": [B], "k2": [B], "k3": [B]}.
     """
     mask = mask.to(torch.float32)
-    log_ratio = logprobs.float() - base_logprobs.float()
+    log_ratio = _full_precision(logprobs) - _full_precision(base_logprobs)
     per_token = {
         "k1": -log_ratio,
         "k2": 0.5 * log_ratio**2,
@@ -148,7 +162,7 @@ def group_advantages(rewards, normalize_std=True, eps=1e-8):
     normalize_std=False drops the division: the Dr. GRPO advantage (Liu et al., 2025), the paper's
     LLM setting (Table 2, loss type Dr. GRPO).
     """
-    rewards = rewards.float()
+    rewards = _full_precision(rewards)
     centred = rewards - rewards.mean(-1, keepdim=True)
     if not normalize_std:
         return centred
@@ -158,7 +172,7 @@ def group_advantages(rewards, normalize_std=True, eps=1e-8):
 def reinforce_advantages(rewards):
     """1-0 REINFORCE (§5.1, Fig. 4): advantage = reward, so only correct on-policy samples are pushed
     up and wrong ones are ignored; equivalent to SFT on the model's own correct samples."""
-    return rewards.float()
+    return _full_precision(rewards)
 
 
 def policy_gradient_loss(logprobs, advantages, mask=None, old_logprobs=None, clip_eps=0.2,
@@ -202,7 +216,7 @@ def kl_penalty(base_logits, logits, mask=None, direction="reverse"):
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
     divergence = reverse_kl if direction == "reverse" else forward_kl
-    per_position = divergence(base_logits.float(), logits.float())
+    per_position = divergence(base_logits, logits)
     if mask is None:
         return per_position.mean()
     mask = mask.to(per_position.dtype)
@@ -216,7 +230,7 @@ def sft_loss(logits, targets, mask=None):
     distributions (float tensor with the logits' shape, rows summing to 1), e.g. the oracle
     distribution pi0(.|S) of §3.5. The mask is how prompts are left out of an LLM's SFT loss.
     """
-    logp = F.log_softmax(logits.float(), -1)
+    logp = F.log_softmax(_full_precision(logits), -1)
     if targets.dtype.is_floating_point:
         per_position = -(targets * logp).sum(-1)
     else:
