@@ -1,0 +1,339 @@
+"""Tests of llm_finetune.py on a tiny locally built Qwen2 (CPU, offline, one model build per module)."""
+import copy
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_constant_schedule_with_warmup
+
+import kl
+import llm_finetune as L
+
+
+class NoAccelerator:
+    """The single-process, CPU behaviour of accelerate.Accelerator that the update functions use."""
+    device, process_index, num_processes, is_main_process = torch.device("cpu"), 0, 1, True
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+    @staticmethod
+    def clip_grad_norm_(parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    """An untrained tiny twin (tokenizer + model) saved with save_pretrained."""
+    torch.set_num_threads(2)
+    tokenizer = L.build_char_tokenizer()
+    model = L.build_twin_model(tokenizer, seed=0).eval()
+    path = tmp_path_factory.mktemp("twin")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer, model, path
+
+
+def args_for(path, *extra):
+    return L.parse_args(["--model", str(path), "--micro-batch", "64", *extra])
+
+
+def make_optimizer(model, lr):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, 0)
+
+
+# ---------------------------------------------------------------------------- tokenizer and model
+
+
+def test_save_load_through_auto_classes_keeps_ids_template_and_logits(twin):
+    tokenizer, model, path = twin
+    loaded_tok = L.load_tokenizer(str(path))
+    text = "<|user|>add: 12+34<|assistant|>12+34=46<|end|>"
+    assert loaded_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    # The known trap: next to a Qwen2 config, AutoTokenizer builds a Qwen2Tokenizer that drops spaces.
+    assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] != tokenizer(text)["input_ids"]
+    assert len(tokenizer(text)["input_ids"]) == 3 + len("add: 12+34") + len("12+34=46")  # one id per char
+    assert loaded_tok.padding_side == "left"
+    assert L.chat_prompt(loaded_tok, "copy: ab") == tokenizer("<|user|>copy: ab<|assistant|>")["input_ids"]
+    assert tokenizer.decode(tokenizer("sort: cba")["input_ids"]) == "sort: cba"
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_generate_with_kv_cache_and_padding(twin):
+    tokenizer, model, _ = twin
+    prompts = [L.chat_prompt(tokenizer, "copy: ab"), L.chat_prompt(tokenizer, "reverse: abcdefg")]
+    greedy, _ = L.sample(model, tokenizer, prompts, 1, 6, greedy=True)
+    assert all(1 <= len(r) <= 6 for r in greedy)
+    # Left padding must not change a prompt's greedy continuation: compare with the prompt alone.
+    alone, _ = L.sample(model, tokenizer, prompts[:1], 1, 6, greedy=True)
+    assert alone[0] == greedy[0]
+    # The teacher-forced log-probs of a sampled response agree with a direct forward pass.
+    batch = L.pack(tokenizer, prompts, greedy)
+    logprobs = L.response_logprobs(model, batch)
+    direct = torch.log_softmax(model(torch.tensor([prompts[1] + greedy[1]])).logits[0], -1)
+    expected = direct[len(prompts[1]) - 1:-1].gather(-1, torch.tensor(greedy[1]).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs[1, :len(greedy[1])], expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- the updates
+
+
+def first_token_prob(model, tokenizer, prompts, token):
+    """Exact pi(first response token = token | prompt), averaged over prompts."""
+    batch = L.pack(tokenizer, prompts, [[token]] * len(prompts))
+    with torch.no_grad():
+        return L.response_logprobs(model, batch)[:, 0].exp().mean().item()
+
+
+def test_grpo_steps_raise_the_reward_on_a_trivially_learnable_toy(twin, tmp_path):
+    tokenizer, base, path = twin
+    model = copy.deepcopy(base)
+    args = args_for(path, "--group-size", "8", "--max-new-tokens", "3")
+    prompts = [L.chat_prompt(tokenizer, f"add: {100 + i}+{200 + i}") for i in range(4)]
+    seven = tokenizer.convert_tokens_to_ids("7")
+    reward = lambda response, answer: float(response.startswith("7"))  # noqa: E731
+    optimizer, scheduler = make_optimizer(model, 3e-3)
+    before = first_token_prob(model, tokenizer, prompts, seven)
+    torch.manual_seed(0)
+    rewards = [L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["0"] * 4, reward, args,
+                         "grpo", 1)["reward"] for _ in range(8)]
+    after = first_token_prob(model, tokenizer, prompts, seven)
+    assert after > before + 0.2, (before, after, rewards)
+
+
+def test_one_grpo_step_moves_the_surrogate_uphill(twin):
+    """After one small step, sum_i A_i log pi(y_i) on the same samples goes up (the PG direction)."""
+    tokenizer, base, path = twin
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    prompts = [L.chat_prompt(tokenizer, "copy: abc")] * 2
+    responses, _ = L.sample(model, tokenizer, prompts, 8, 4)
+    batch = L.pack(tokenizer, [p for p in prompts for _ in range(8)], responses)
+    rewards = torch.tensor([float(tokenizer.decode(r).startswith("a")) for r in responses]).view(2, 8)
+    if rewards.std() == 0:
+        rewards[0, 0] = 1 - rewards[0, 0]  # make sure some advantage is non-zero
+    advantages = kl.group_advantages(rewards, normalize_std=False).flatten()
+
+    def surrogate():
+        with torch.no_grad():
+            logprobs = L.response_logprobs(model, batch)
+        return (advantages * (logprobs * batch["response_mask"]).sum(-1)).sum().item()
+
+    before = surrogate()
+    optimizer, _ = make_optimizer(model, 1e-4)
+    loss = kl.policy_gradient_loss(L.response_logprobs(model, batch), advantages, batch["response_mask"],
+                                   aggregation="constant", max_tokens=4)
+    loss.backward()
+    optimizer.step()
+    assert surrogate() > before
+
+
+def test_sft_step_lowers_the_loss_and_ignores_prompt_tokens(twin):
+    tokenizer, base, path = twin
+    model = copy.deepcopy(base)
+    examples = [{"prompt": f"add: {100 + i}+{300 + i}", "response": f"the sum is {400 + 2 * i}"} for i in range(8)]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+    responses = [tokenizer(ex["response"] + tokenizer.eos_token)["input_ids"] for ex in examples]
+    batch = L.pack(tokenizer, prompts, responses)
+    loss = L.sft_batch_loss(model, batch)
+    # Same number as transformers' own loss with every prompt and pad label set to -100.
+    labels = batch["input_ids"].clone()
+    labels[:, :batch["prompt_len"]] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    hf_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], labels=labels).loss
+    torch.testing.assert_close(loss, hf_loss, atol=1e-5, rtol=1e-5)
+    # Perturbing the targets at prompt positions leaves the loss unchanged; a response target does not.
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"]).logits[:, :-1]
+    targets, mask = batch["input_ids"][:, 1:].clone(), labels[:, 1:] != -100
+    reference = kl.sft_loss(full, targets, mask)
+    perturbed = targets.clone()
+    perturbed[~mask] = random.Random(0).randrange(len(tokenizer))
+    assert kl.sft_loss(full, perturbed, mask).item() == pytest.approx(reference.item(), abs=1e-6)
+    perturbed[mask.nonzero()[0].tolist()[0], mask.nonzero()[0].tolist()[1]] += 1
+    assert kl.sft_loss(full, perturbed, mask).item() != pytest.approx(reference.item(), abs=1e-6)
+    # One SFT step lowers the loss on its batch.
+    args = args_for(path, "--method", "sft")
+    optimizer, scheduler = make_optimizer(model, 1e-3)
+    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+    with torch.no_grad():
+        assert L.sft_batch_loss(model, batch).item() < loss.item()
+
+
+def test_simpo_step_prefers_the_chosen_response(twin):
+    tokenizer, base, path = twin
+    model = copy.deepcopy(base)
+    examples = [{"prompt": "add: 100+200", "response": "the sum is 300", "rejected": "the sum is 301"}] * 4
+    args = args_for(path, "--method", "simpo")
+    prompt = [L.chat_prompt(tokenizer, examples[0]["prompt"])]
+    gap = lambda: (L.response_logprobs(model, L.pack(tokenizer, prompt, [tokenizer("the sum is 300<|end|>")["input_ids"]])).sum()  # noqa: E731
+                   - L.response_logprobs(model, L.pack(tokenizer, prompt, [tokenizer("the sum is 301<|end|>")["input_ids"]])).sum()).item()
+    before = gap()
+    optimizer, scheduler = make_optimizer(model, 1e-3)
+    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "simpo")
+    assert gap() > before
+
+
+# ---------------------------------------------------------------------------- forward KL
+
+
+def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(twin, tmp_path):
+    tokenizer, base, path = twin
+    args = args_for(path, "--kl-samples", "16", "--max-new-tokens", "8", "--micro-batch", "128")
+    examples = [{"prompt": f"copy: {c * 3}"} for c in "abcdefghijklmnop"]
+    samples = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt")
+    same = samples.forward_kl(copy.deepcopy(base))
+    assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["k1_seq"] == pytest.approx(0.0, abs=1e-6)
+    moved = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exact = samples.forward_kl(moved)
+    # k1 is an unbiased estimate of the same sequence KL under y ~ pi0: agreement within ~4 standard errors.
+    per_sequence = []
+    for i, batch in enumerate(samples.batches):
+        with torch.no_grad():
+            logits = L.forward_logits(moved, batch)
+        base_lp, lp = (kl.token_logprobs(x, batch["response_ids"]) for x in (samples.base_logprobs[i], logits))
+        per_sequence += kl.kl_estimators(base_lp, lp, batch["response_mask"])["k1"].tolist()
+    stderr = torch.tensor(per_sequence).std().item() / len(per_sequence) ** 0.5
+    assert exact["kl_seq"] > 0.05
+    assert abs(exact["k1_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
+    assert abs(exact["k3_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
+    # The cache reloads to the same numbers.
+    assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").forward_kl(moved) == exact
+
+
+# ---------------------------------------------------------------------------- reward checkers
+
+
+@pytest.mark.parametrize("task,response,answer,expected", [
+    ("addition", "357+486=843", "843", 1.0),
+    ("addition", "the sum is 843", "843", 1.0),
+    ("addition", "357+486=842", "843", 0.0),
+    ("addition", "+=", "843", 0.0),
+    ("math", "So x = 2 and the answer is \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}", 1.0),
+    ("math", "\\boxed{0.5}", "1/2", 1.0),
+    ("math", "\\boxed{\\left( 3, 4 \\right)}", "(3,4)", 1.0),
+    ("math", "The answer is \\boxed{3}", "4", 0.0),
+    ("math", "The answer is 4", "4", 0.0),  # no \boxed{}: not graded as an answer
+    ("math", "\\boxed{4", "4", 0.0),  # unbalanced braces
+    ("science", "The electron count gives... Answer: C", "C", 1.0),
+    ("science", "answer is (b).", "B", 1.0),
+    ("science", "Answer: A", "C", 0.0),
+    ("science", "I am not sure.", "C", 0.0),
+    ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habitat", "limit": 3}',
+     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 1.0),
+    ("tools", 'Thought: search\nAction: searchAxolotlImages\nAction Input: {"color": "albino", "gender": ""}',
+     json.dumps([{"name": "searchAxolotlImages", "arguments": {"color": "albino", "size": ""}}]), 1.0),
+    ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habits", "limit": 3}',
+     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 0.0),
+    ("tools", 'Action: getRandomAxolotlImage\nAction Input: {}',
+     json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+    ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": habitat}',
+     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat"}}]), 0.0),
+    ("tools", "I would call the facts API.", json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+])
+def test_reward_checkers(task, response, answer, expected):
+    assert L.REWARDS[task](response, answer) == expected
+
+
+# ---------------------------------------------------------------------------- prior tasks via lm-eval
+
+
+def test_lm_eval_on_local_yaml_tasks_returns_scores(twin, tmp_path):
+    tokenizer, model, path = twin
+    args = args_for(path, "--out", str(tmp_path), "--prior-limit", "4")
+    prior = L.PriorTasks(args)
+    scores = prior.scores(model, tokenizer)
+    assert set(scores["prior"]) == {"twin_copy", "twin_reverse", "twin_sort"}
+    assert all(0.0 <= s <= 1.0 for s in scores["prior"].values())
+    assert scores["prior_avg"] == pytest.approx(sum(scores["prior"].values()) / 3)
+
+
+def test_lm_eval_scores_a_perfect_model_as_one(twin, tmp_path):
+    """exact_match through lm-eval's generate_until path: a model that copies perfectly scores 1."""
+    tokenizer, model, path = twin
+    args = args_for(path, "--out", str(tmp_path), "--prior-tasks", "twin_copy", "--prior-limit", "3")
+    prior = L.PriorTasks(args)
+    docs = [json.loads(line) for line in (tmp_path / "lm_eval_tasks" / "twin_copy.jsonl").read_text().splitlines()[:3]]
+    perfect = copy.deepcopy(model)
+    answers = {tuple(L.chat_prompt(tokenizer, d["prompt"])): tokenizer(d["answer"] + "<|end|>")["input_ids"] for d in docs}
+
+    def generate(input_ids, attention_mask=None, **kwargs):
+        rows = []
+        for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = tuple(t for t, m in zip(row, mask) if m)
+            rows.append(row + answers[prompt])
+        width = max(map(len, rows))
+        return torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+
+    perfect.generate = generate
+    assert prior.scores(perfect, tokenizer)["prior"]["twin_copy"] == 1.0
+
+
+# ---------------------------------------------------------------------------- data and bad input
+
+
+def test_local_data_file_round_trip_and_split(tmp_path, twin):
+    _, _, path = twin
+    rows = [{"prompt": f"add: {i}+1", "answer": str(i + 1), "response": f"the sum is {i + 1}"} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = args_for(path, "--data-file", str(data), "--num-test", "10", "--kl-prompts", "5")
+    train, test, kl_prompts = L.load_new_task(args)
+    assert (len(train), len(test), len(kl_prompts)) == (25, 10, 5)
+    assert sorted(r["prompt"] for r in train + test + kl_prompts) == sorted(r["prompt"] for r in rows)
+
+
+def test_twin_task_sets_are_disjoint_and_teacher_targets_are_correct():
+    train, test, kl_prompts = L.twin_new_task(300, 50, 20, random.Random(0))
+    prompts = [ex["prompt"] for ex in train + test + kl_prompts]
+    assert len(set(prompts)) == len(prompts)
+    assert all(L.addition_reward(ex["response"], ex["answer"]) == 1.0 for ex in train)
+    assert all(L.addition_reward(ex["rejected"], ex["answer"]) == 0.0 for ex in train)
+    rng = random.Random(1)
+    styles = [L.base_style_response(train[0], rng) for _ in range(400)]
+    correct = sum(L.addition_reward(s, train[0]["answer"]) for s in styles) / 400
+    assert abs(correct - L.BASE_CORRECT_PROB) < 0.1 and any("=" in s for s in styles)
+
+
+def one_line_exit(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        L.main(argv)
+    message = caught.value.code if isinstance(caught.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Traceback" not in message and "\n" not in message
+    return message
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, twin, capsys):
+    _, _, path = twin
+    assert "unknown task 'chess'" in one_line_exit(["--task", "chess"], capsys)
+    assert "unknown method 'ppo'" in one_line_exit(["--method", "grpo", "ppo"], capsys)
+    assert "not found" in one_line_exit(["--model", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys)
+    assert "not found" in one_line_exit(["--model", "no-such-org/no-such-model", "--out", str(tmp_path)], capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    message = one_line_exit(["--model", str(path), "--data-file", str(bad), "--out", str(tmp_path)], capsys)
+    assert "needs string fields 'prompt' and 'answer'" in message
+    assert "does not exist" in one_line_exit(["--data-file", str(tmp_path / "missing.jsonl")], capsys)
+    message = one_line_exit(["--model", str(path), "--prior-tasks", "no_such_task", "--out", str(tmp_path)], capsys)
+    assert "unknown lm-eval task" in message
+    # A built-in task whose data is not on this offline machine: advice, not a hub traceback.
+    message = one_line_exit(["--model", str(path), "--prior-tasks", "winogrande", "--out", str(tmp_path)], capsys)
+    assert "pre-fetch" in message
