@@ -1,0 +1,212 @@
+"""Tests of parity_mnist.py on small subsets of the real MNIST/FashionMNIST in data/ (`make data`)."""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kl
+import parity_mnist as pm
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+EVAL_KEYS = ["kind", "run_id", "method", "lr", "scheduler", "epochs", "batch_size", "group_size", "seed", "step",
+             "epoch", "wall_s", "parity_acc", "expected_reward", "fashion_acc", "forgetting", "forward_kl",
+             "reverse_kl", "tv", "l2", "js", "weight_l1", "fisher_l2", "spectral_norm", "act_l1", "act_l2", "cka"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(2)
+    return pm.load_data(str(DATA_DIR), train_size=2000, test_size=500)
+
+
+@pytest.fixture(scope="module")
+def ref(data):
+    return pm.build_reference(pm.pretrain(data, seed=0, progress=False), data)
+
+
+@pytest.fixture(scope="module")
+def small(data):
+    """640 training images: 20 steps of batch 32 per epoch."""
+    return dataclasses.replace(data, mnist_train_x=data.mnist_train_x[:640], mnist_train_y=data.mnist_train_y[:640])
+
+
+def config(method, lr=1e-3, **kw):
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("group_size", 4)
+    return pm.RunConfig(method, lr, **kw)
+
+
+def test_input_is_785_wide_with_task_indicator(data, ref):
+    assert data.mnist_train_x.shape[1] == data.fashion_test_x.shape[1] == 785
+    assert torch.all(data.mnist_test_x[:, -1] == 1) and torch.all(data.fashion_test_x[:, -1] == -1)
+    assert ref.base["w1"].shape == (785, 512)
+    # The indicator is an input the model uses: flipping it changes the logits.
+    flipped = data.mnist_test_x[:10].clone()
+    flipped[:, -1] = -1
+    assert not torch.allclose(pm.mlp(ref.base, flipped), pm.mlp(ref.base, data.mnist_test_x[:10]))
+    # One model and the same model stacked R times compute the same logits.
+    stacked = {k: v.expand(3, *v.shape) for k, v in ref.base.items()}
+    torch.testing.assert_close(pm.mlp(stacked, data.mnist_test_x[:10])[2], pm.mlp(ref.base, data.mnist_test_x[:10]))
+
+
+@pytest.mark.parametrize("method", pm.METHODS)
+def test_every_method_writes_well_formed_rows(method, small, ref, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    pm.save_params(ref.base, teacher)
+    cfg = config(method, teacher=str(teacher) if method == "sft-distill" else "")
+    rows, _ = pm.train_runs([cfg], small, ref, pm.load_params(teacher) if cfg.teacher else None, eval_every=0.5)
+    out = tmp_path / "results.jsonl"
+    pm.append_rows(out, rows[0])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["step"] for row in written] == [0, 10, 20]
+    for row in written:
+        assert row["kind"] == "eval" and row["method"] == method and set(EVAL_KEYS) <= set(row)
+        assert all(math.isfinite(row[k]) for k in EVAL_KEYS[11:])
+        assert 0 <= row["parity_acc"] <= 1 and 0 <= row["fashion_acc"] <= 1
+    assert written[0]["forward_kl"] == 0 and written[0]["weight_l1"] == 0 and written[0]["forgetting"] == 0
+    assert written[-1]["weight_l1"] > 0 and written[-1]["last"] is True
+
+
+def test_oracle_targets_are_base_restricted_to_correct_parity(ref, data):
+    digits = data.mnist_train_y[:200]
+    base_logp = torch.log_softmax(ref.mnist_train_logits[:200], -1)
+    oracle = kl.restrict_to_correct(ref.mnist_train_logits[:200], pm.correct_labels(digits)).exp()
+    wrong = torch.arange(10) % 2 != (digits % 2).unsqueeze(-1)
+    assert torch.all(oracle[wrong] == 0)
+    torch.testing.assert_close(oracle.sum(-1), torch.ones(200))
+    # proportional to pi0 on the correct labels: oracle / pi0 is the same constant 1 / pi0(S) per image
+    ratio = (oracle / base_logp.exp()).masked_fill(wrong, float("nan"))
+    mass_correct = base_logp.exp().masked_fill(wrong, 0).sum(-1)
+    torch.testing.assert_close(ratio.nanmean(-1), 1 / mass_correct)
+    assert torch.allclose(ratio.nan_to_num(0).amax(-1), ratio.nan_to_num(1e9).amin(-1), rtol=1e-5)
+
+
+def test_gumbel_sampling_matches_the_policy():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0, 1.0, -3.0, 0.0, 0.2, 1.5, -0.5]])
+    labels = pm.gumbel_sample(logits, 200_000, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(labels.flatten(), minlength=10).float() / labels.numel()
+    torch.testing.assert_close(frequencies, logits.softmax(-1)[0], atol=4e-3, rtol=0)
+
+
+def test_rl_raises_expected_reward_and_starts_at_zero_kl(small, ref):
+    rows, _ = pm.train_runs([config("rl", 1e-3, epochs=2)], small, ref, eval_every=1.0)
+    before, after = rows[0][0], rows[0][-1]
+    assert before["forward_kl"] == 0 and before["reverse_kl"] == 0 and before["tv"] == 0
+    assert after["expected_reward"] > before["expected_reward"] + 0.02
+    assert after["forward_kl"] > 0
+
+
+def test_batched_runs_match_runs_trained_alone(small, ref):
+    """Stacking sweep configurations into one batched model must not change any run's numbers."""
+    configs = [config("rl", lr, scheduler=sch) for lr, sch in ((3e-4, "constant"), (1e-3, "cosine"), (1e-4, "cosine"))]
+    batched, batched_params = pm.train_runs(configs, small, ref, eval_every=0.5)
+    alone, alone_params = pm.train_runs([configs[1]], small, ref, eval_every=0.5)
+    for key in pm.PARAM_SHAPES:
+        torch.testing.assert_close(batched_params[1][key], alone_params[0][key], atol=1e-5, rtol=1e-5)
+    for row_b, row_a in zip(batched[1], alone[0]):
+        for key in EVAL_KEYS[12:]:
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_resume_after_interruption_gives_the_same_rows_once(small, ref, tmp_path, monkeypatch):
+    monkeypatch.setattr(pm, "reference_for", lambda data, seed, progress=True: ref)
+    configs = [config("sft1", 1e-3), config("sft1", 3e-4, scheduler="cosine"), config("simpo", 1e-3)]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    clean = tmp_path / "clean.jsonl"
+    pm.run_sweep(configs, clean, small, eval_every=0.5)
+    # Interrupted: the first batch finished, the simpo run died while its rows were being written.
+    interrupted = tmp_path / "interrupted.jsonl"
+    lines = clean.read_text().splitlines()
+    simpo_lines = [line for line in lines if '"simpo"' in line]
+    kept = [line for line in lines if '"simpo"' not in line] + simpo_lines[:1]
+    interrupted.write_text("\n".join(kept) + "\n" + simpo_lines[1][:40])
+    assert pm.completed_runs(interrupted) == {c.run_id for c in configs[:2]}
+    pm.run_sweep(configs, interrupted, small, eval_every=0.5)
+    resumed = [json.loads(line) for line in interrupted.read_text().splitlines()]
+    original = [json.loads(line) for line in lines]
+    assert sorted(map(json.dumps, strip(resumed))) == sorted(map(json.dumps, strip(original)))
+    assert len({(r["run_id"], r["step"]) for r in resumed}) == len(resumed) == 9
+    pm.run_sweep(configs, interrupted, small, eval_every=0.5)  # complete: nothing more is written
+    assert len(interrupted.read_text().splitlines()) == 9
+
+
+def test_step_rows_for_fig10(small, ref):
+    rows, _ = pm.train_runs([config("sft1", 1e-3, log_steps=5)], small, ref)
+    assert [row["step"] for row in rows[0]] == [1, 6, 11, 16]
+    for row in rows[0]:
+        assert row["kind"] == "step" and -1 <= row["cos_update_prior_grad"] <= 1
+        assert math.isfinite(row["delta_forward_kl"])
+
+
+def test_diagonal_fisher_matches_per_example_autograd(ref, data):
+    x = data.fashion_train_x[:3]
+    fisher = pm.diagonal_fisher(ref.base, x)
+    params = {k: v.clone().requires_grad_() for k, v in ref.base.items()}
+    expected = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(len(x)):
+        logp = torch.log_softmax(pm.mlp(params, x[i:i + 1])[0], -1)
+        for y in range(10):
+            grads = torch.autograd.grad(logp[y], list(params.values()), retain_graph=True)
+            for k, g in zip(params, grads):
+                expected[k] += logp[y].exp().detach() * g**2 / len(x)
+    for k in params:
+        torch.testing.assert_close(fisher[k], expected[k], rtol=1e-4, atol=1e-9)
+
+
+def test_grids_have_the_sizes_the_paper_states():
+    grid = pm.paper_grid()
+    assert len(grid) == 300 and len({c.run_id for c in grid}) == 300
+    paper = [3.0e-6, 4.54e-6, 6.88e-6, 1.04e-5, 1.58e-5, 2.39e-5, 3.62e-5, 5.48e-5, 8.29e-5, 1.26e-4, 1.90e-4,
+             2.88e-4, 4.36e-4, 6.60e-4, 1.0e-3]
+    np.testing.assert_allclose(pm.PAPER_LRS, paper, rtol=5e-3)
+    for method in pm.FIG3_METHODS:
+        assert sum(c.method == method for c in grid) == 60
+    quick = pm.quick_grid("teacher.pt")
+    assert {c.method for c in quick} == set(pm.METHODS) and len(quick) < len(grid) / 5
+    assert {c.run_id for c in pm.seeds_grid() if c.seed == 0} <= {c.run_id for c in grid}
+
+
+def run_script(*args, cwd=ROOT, env_extra=None):
+    env = {**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "parity_mnist.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "ppo"], "invalid choice: 'ppo'"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "-1e-3"], "--lr must be > 0"),
+    (["--method", "sft-distill"], "--method sft-distill needs --teacher"),
+])
+def test_bad_arguments_give_one_clear_line(args, message):
+    result = run_script(*args)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_without_network_gives_one_clear_line(tmp_path):
+    result = run_script("--data-dir", str(tmp_path / "empty"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: MNIST not found" in result.stderr and "make data" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", "mismatched"])
+def test_corrupt_or_mismatched_checkpoint_gives_one_clear_line(content, tmp_path):
+    path = tmp_path / "runs" / "parity" / "base_seed0.pt"
+    path.parent.mkdir(parents=True)
+    if content == "mismatched":
+        torch.save({"w1": torch.zeros(784, 512)}, path)
+    else:
+        path.write_bytes(content)
+    for args in (["--method", "rl"], ["--method", "sft-distill", "--teacher", str(path)]):
+        result = run_script(*args, "--data-dir", str(DATA_DIR), cwd=tmp_path)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"error: checkpoint {path.relative_to(tmp_path) if args[1] == 'rl' else path}" in result.stderr
