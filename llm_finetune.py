@@ -16,11 +16,12 @@ Two ways to run it:
                           python llm_finetune.py --method grpo sft       # sweeps on synthetic addition
                           python llm_finetune.py --plot                  # plots/llm_*.png
 The twin is a small Qwen2-architecture model pretrained here on copy/reverse/sort (its prior tasks,
-scored through lm-eval on local YAML tasks) and on a noisy source of 3-digit additions (the new task,
+scored through lm-eval on local YAML tasks) and on a noisy source of 2-digit additions (the new task,
 so pi0 starts with some skill). Results: one JSON line per evaluation point in runs/llm/results.jsonl;
 rerunning a command resumes (finished runs are skipped, finished points are not written twice).
 """
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     g.add_argument("--plot", action="store_true", help="draw plots/llm_*.png from the results and exit")
     g.add_argument("--bench", action="store_true", help="measure rollout and update tokens/s and exit")
     g.add_argument("--out", default="runs/llm", help="results, caches and generated lm-eval tasks")
-    g.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
 
     if args.task not in TASKS:
@@ -167,9 +168,9 @@ def build_twin_model(tokenizer, seed=0):
 
 def twin_example(task, rng):
     """One synthetic example: {"prompt", "answer"}. Prior tasks act on 3-8 letters; the new task
-    adds two 3-digit numbers."""
+    adds two 2-digit numbers."""
     if task == "addition":
-        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         return {"prompt": f"add: {a}+{b}", "answer": str(a + b)}
     s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
     answer = {"copy": s, "reverse": s[::-1], "sort": "".join(sorted(s))}[task]
@@ -186,7 +187,7 @@ def corrupt_number(number, rng):
 
 def base_style_response(example, rng):
     """How pi0 learned to answer additions: a noisy source (right half the time, else one digit
-    off) in two styles, "843" or "357+486=843". So pi0 has partial skill and several correct
+    off) in two styles, "143" or "57+86=143". So pi0 has partial skill and several correct
     responses per prompt, like a base LLM."""
     total = example["answer"] if rng.random() < BASE_CORRECT_PROB else corrupt_number(example["answer"], rng)
     return total if rng.random() < 0.5 else f"{example['prompt'].split(': ')[1]}={total}"
@@ -222,7 +223,7 @@ def pretrain_twin(path, steps, batch_size=64, lr=3e-3, seed=0):
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 100, steps)
-    tasks = PRIOR_TWIN_TASKS + ("addition",)
+    tasks = PRIOR_TWIN_TASKS + ("addition", "addition")  # 40 % additions
     model.train()
     bar = tqdm(range(steps), desc="pretrain twin", mininterval=10)
     for _ in bar:
@@ -548,14 +549,18 @@ def offline_step(accelerator, model, optimizer, scheduler, tokenizer, examples, 
             loss = sft_batch_loss(model, chosen)
         else:
             rejected = pack(tokenizer, prompts[part], [encode(ex["rejected"]) for ex in examples[part]])
-            sequence_logprob = lambda b: (response_logprobs(model, b) * b["response_mask"].to(  # noqa: E731
-                next(model.parameters()).device)).sum(-1)
-            loss = kl.simpo_loss(sequence_logprob(chosen), sequence_logprob(rejected))
+            loss = kl.simpo_loss(sequence_logprob(model, chosen), sequence_logprob(model, rejected))
             tokens += int(rejected["attention_mask"].sum())
         accelerator.backward(loss * weight)
         tokens += int(chosen["attention_mask"].sum())
     optimizer_step(accelerator, model, optimizer, scheduler)
     return {"loss": loss.item(), "update_tokens": tokens}
+
+
+def sequence_logprob(model, batch):
+    """log pi(y | x) of each whole response: the sum of its token log-probs, [B]."""
+    logprobs = response_logprobs(model, batch)
+    return (logprobs * batch["response_mask"].to(logprobs.device)).sum(-1)
 
 
 def sft_batch_loss(model, batch):
@@ -787,6 +792,14 @@ def sweep(args):
             yield "-".join(f"{k}{v}" if k != "method" else v for k, v in config.items()), config
 
 
+def model_fingerprint(name):
+    """Short hash of a model's name and, for a local directory, its weight files' sizes and times:
+    results and caches of a rebuilt twin never mix with the old ones."""
+    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []
+    stamp = [name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]
+
+
 def read_results(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -858,7 +871,8 @@ def train_run(run_id, config, context, args):
                 point = evaluate(accelerator.unwrap_model(model), tokenizer, test, reward_fn, base_samples,
                                  prior, args, reference)
                 append_result(results_path, {
-                    "run_id": run_id, "task": args.task, "model": args.model, **config, "step": step,
+                    "run_id": run_id, "task": args.task, "model": args.model,
+                    "fingerprint": model_fingerprint(args.model), **config, "step": step,
                     "total_steps": total_steps, "done": step == total_steps, **point,
                     "train_reward": info.get("reward"), "tokens_generated": tokens["rollout"],
                     "tokens_updated": tokens["update"], "wall_s": round(time.time() - started, 1)})
@@ -870,7 +884,8 @@ def plot_results(results_path, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in read_results(results_path) if r["task"] == args.task and r["model"] == args.model]
+    fingerprint = model_fingerprint(args.model)
+    rows = [r for r in read_results(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
     if not rows:
         sys.exit(f"error: no results for task {args.task} and model {args.model} in {results_path}; train first")
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -962,23 +977,26 @@ def main(argv=None):
     train, test, kl_examples = load_new_task(args)
     if args.bench:
         return bench(accelerator, tokenizer, train, reward_fn, args)
-    prior = PriorTasks(args) if accelerator.is_main_process else None
-    base_model = load_model(args, accelerator.device)
-    name = re.sub(r"[^\w.-]", "_", f"{args.model}-{args.task}")
-    base_samples = BaseSamples(base_model, tokenizer, kl_examples, args, out / f"kl_cache-{name}.pt")
-    reference = base_model if base_samples.base_logprobs is None and not args.lora_rank else None
-    results = read_results(results_path)
-    mine = [r for r in results if r["task"] == args.task and r["model"] == args.model]
-    if accelerator.is_main_process and not any(r["run_id"] == "base" for r in mine):
-        point = evaluate(base_model, tokenizer, test, reward_fn, base_samples, prior, args)
-        append_result(results_path, {"run_id": "base", "task": args.task, "model": args.model, "method": "base",
-                                     "step": 0, "done": True, "kl_truncated": base_samples.truncated, **point})
-    if reference is None:
+    fingerprint = model_fingerprint(args.model)
+    mine = [r for r in read_results(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
+    prior = base_samples = reference = None
+    if accelerator.is_main_process:  # evaluation runs on the main process only
+        prior = PriorTasks(args)
+        base_model = load_model(args, accelerator.device)
+        cache = out / f"kl_cache-{fingerprint}-{args.task}-{args.kl_prompts}x{args.kl_samples}-{args.max_new_tokens}.pt"
+        base_samples = BaseSamples(base_model, tokenizer, kl_examples, args, cache)
+        if not any(r["run_id"] == "base" for r in mine):
+            append_result(results_path, {"run_id": "base", "task": args.task, "model": args.model,
+                                         "fingerprint": fingerprint, "method": "base", "step": 0, "done": True,
+                                         "kl_truncated": base_samples.truncated,
+                                         **evaluate(base_model, tokenizer, test, reward_fn, base_samples, prior, args)})
+        if base_samples.base_logprobs is None and not args.lora_rank:
+            reference = base_model  # pi0's log-probs are recomputed at each evaluation (BaseSamples)
         del base_model
     for run_id, config in sweep(args):
-        done_steps = {r["step"] for r in mine if r["run_id"] == run_id}
         if any(r.get("done") for r in mine if r["run_id"] == run_id):
             continue
+        done_steps = {r["step"] for r in mine if r["run_id"] == run_id}
         context = (accelerator, tokenizer, train, test, reward_fn, base_samples, prior, results_path, done_steps, reference)
         train_run(run_id, config, context, args)
 

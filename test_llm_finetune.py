@@ -35,7 +35,7 @@ class NoAccelerator:
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
     """An untrained tiny twin (tokenizer + model) saved with save_pretrained."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     tokenizer = L.build_char_tokenizer()
     model = L.build_twin_model(tokenizer, seed=0).eval()
     path = tmp_path_factory.mktemp("twin")
@@ -337,3 +337,22 @@ def test_bad_input_gives_one_clear_line(tmp_path, twin, capsys):
     # A built-in task whose data is not on this offline machine: advice, not a hub traceback.
     message = one_line_exit(["--model", str(path), "--prior-tasks", "winogrande", "--out", str(tmp_path)], capsys)
     assert "pre-fetch" in message
+
+
+def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, tmp_path):
+    _, _, path = twin
+    argv = ["--model", str(path), "--out", str(tmp_path), "--method", "sft", "--lr", "1e-3", "--batch-size", "8",
+            "--sft-examples", "16", "--eval-every", "1", "--num-test", "4", "--kl-prompts", "4", "--kl-samples", "1",
+            "--eval-samples", "1", "--max-new-tokens", "4", "--prior-tasks", "twin_copy", "--prior-limit", "2"]
+    L.main(argv)
+    results = tmp_path / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]  # base, then the run's two steps
+    assert json.loads(lines[-1])["done"] and json.loads(lines[-1])["kl_seq"] > 0
+    L.main(argv)  # finished: nothing is rerun or appended
+    assert results.read_text().splitlines() == lines
+    results.write_text("\n".join(lines[:2]) + "\n")  # as if interrupted before the last point
+    L.main(argv)
+    resumed = results.read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
+    assert [strip(line) for line in resumed] == [strip(line) for line in lines]
