@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="rl", choices=METHODS, help="fine-tuning method (default rl)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the 60k MNIST training images")
-    p.add_argument("--scheduler", default="constant", choices=["constant", "cosine"],
+    p.add_argument("--scheduler", default="cosine", choices=["constant", "cosine"],
                    help="learning-rate schedule, both with a linear warmup")
     p.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of all steps")
     p.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
@@ -255,7 +255,6 @@ class Reference:
     base: dict
     mnist_test_logits: torch.Tensor
     mnist_test_hidden: torch.Tensor
-    mnist_train_logits: torch.Tensor  # for the oracle targets
     fashion_probe_hidden: torch.Tensor
     fashion_acc: float
     fisher: dict
@@ -296,7 +295,7 @@ def build_reference(base, data):
         fisher = diagonal_fisher(base, data.fashion_train_x[:FISHER_INPUTS])
     return Reference(
         base=base, mnist_test_logits=mnist_logits, mnist_test_hidden=mnist_hidden,
-        mnist_train_logits=mlp(base, data.mnist_train_x), fashion_probe_hidden=fashion_hidden[:CKA_PROBES],
+        fashion_probe_hidden=fashion_hidden[:CKA_PROBES],
         fashion_acc=(fashion_logits.argmax(-1) == data.fashion_test_y).float().mean().item(), fisher=fisher)
 
 
@@ -321,7 +320,7 @@ class RunConfig:
     oracle_targets: str = "sampled"
     teacher: str = ""
     study: str = "single"
-    log_steps: int = 0  # Fig. 10: a "step" row every log_steps optimizer steps instead of evaluation rows
+    log_steps: int = 0  # Fig. 10: also a "step" row every log_steps optimizer steps
 
     @property
     def run_id(self):
@@ -385,7 +384,7 @@ def method_loss(cfg, logits, digits, idx, ref, fixed, gen):
         logprobs = F.log_softmax(logits, -1).gather(-1, labels)
         loss = kl.policy_gradient_loss(logprobs.flatten(), advantages.flatten())
         if cfg.method == "rl-kl":  # exact 10-way KL to pi0 on the batch images
-            base_logits = ref.mnist_train_logits[idx].expand_as(logits)
+            base_logits = fixed["base_logits"][idx].expand_as(logits)
             loss = loss + cfg.kl_coef * kl.kl_penalty(base_logits, logits, direction=cfg.kl_direction)
         return loss
     if cfg.method == "sft1":  # SFT dist. 1: even -> 0, odd -> 1
@@ -393,7 +392,7 @@ def method_loss(cfg, logits, digits, idx, ref, fixed, gen):
     elif cfg.method == "sft2":  # SFT dist. 2: even -> {0, 4}, odd -> {1, 5}, drawn once per image
         targets = digits % 2 + 4 * fixed["sft2_coin"][idx]
     elif cfg.method == "sft-oracle":  # pi0 restricted to the correct parity, renormalised (§3.5)
-        oracle_logprobs = kl.restrict_to_correct(ref.mnist_train_logits[idx], correct_labels(digits))
+        oracle_logprobs = kl.restrict_to_correct(fixed["base_logits"][idx], correct_labels(digits))
         if cfg.oracle_targets == "soft":
             return kl.sft_loss(logits, oracle_logprobs.exp().expand_as(logits))
         targets = gumbel_sample(oracle_logprobs, 1, gen).squeeze(-1)
@@ -423,8 +422,11 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
     runs = len(configs)
     gen = torch.Generator().manual_seed(cfg.seed)
     fixed = {"sft2_coin": torch.randint(0, 2, (len(data.mnist_train_x),), generator=gen)}
-    if teacher is not None:
-        fixed["teacher_logits"] = mlp(teacher, data.mnist_train_x)
+    with torch.no_grad():
+        if cfg.method in ("rl-kl", "sft-oracle"):
+            fixed["base_logits"] = mlp(ref.base, data.mnist_train_x)
+        if cfg.method == "sft-distill":
+            fixed["teacher_logits"] = mlp(teacher, data.mnist_train_x)
     per_run = [{k: v.clone().requires_grad_() for k, v in ref.base.items()} for _ in range(runs)]
     optimizer = torch.optim.AdamW([{"params": list(p.values()), "lr": c.lr} for p, c in zip(per_run, configs)],
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
@@ -435,12 +437,13 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
         optimizer, [lr_multiplier(c.scheduler, warmup_steps, total_steps) for c in configs])
     eval_steps = sorted({min(total_steps, round(k * eval_every * steps_per_epoch))
                          for k in range(1, math.floor(cfg.epochs / eval_every + 1e-9) + 1)} | {total_steps})
-    stacked = lambda: {k: torch.stack([p[k] for p in per_run]) for k in PARAM_SHAPES}  # noqa: E731
+    def stacked():  # [R, ...] weights for the batched forward pass (a view, not a copy, for one run)
+        if runs == 1:
+            return {k: v.unsqueeze(0) for k, v in per_run[0].items()}
+        return {k: torch.stack([p[k] for p in per_run]) for k in PARAM_SHAPES}
     base_metrics = evaluate(ref.base, data, ref)
     rows = [[row_for(c, 0, 0.0, 0.0, base_metrics)] for c in configs]
     step_probe = StepProbe(data, ref) if cfg.log_steps else None
-    if step_probe is not None:
-        rows = [[] for _ in configs]
     start, step = time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"{cfg.method} x{runs}", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
@@ -461,7 +464,7 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
             if logged:
                 for r, stats in enumerate(step_probe.after(stacked())):
                     rows[r].append(row_for(configs[r], step, step / steps_per_epoch, 0.0, stats, kind="step"))
-            elif step in eval_steps:
+            if step in eval_steps:
                 wall = time.perf_counter() - start
                 for r, c in enumerate(configs):
                     metrics = evaluate({k: v.detach() for k, v in per_run[r].items()}, data, ref)
@@ -597,7 +600,7 @@ def read_rows(path, run_id):
 
 SEED_GRID_LRS = PAPER_LRS[2::3]  # 5 of the 15 learning rates, 6.9e-6 .. 1e-3
 SEED_GRID_KEYS = {(m, float(lr), "cosine", 1) for m in FIG3_METHODS for lr in SEED_GRID_LRS}
-QUICK_LRS = PAPER_LRS[4::3]  # 1.6e-5, 5.5e-5, 1.9e-4, 6.6e-4
+QUICK_LRS = PAPER_LRS[[6, 9, 12]]  # 3.6e-5, 1.3e-4, 4.4e-4
 TEACHER = dict(method="rl", lr=float(PAPER_LRS[11]), scheduler="cosine", epochs=1)  # lr 2.9e-4
 FIG10_LR = float(PAPER_LRS[9])  # 1.3e-4, cosine, 1 epoch: every method learns, none collapses
 
@@ -608,9 +611,9 @@ def paper_grid(seed=0):
             for m in FIG3_METHODS for ep in (1, 2) for sch in ("constant", "cosine") for lr in PAPER_LRS]
 
 
-def extra_grid(teacher_path, seed=0, lrs=PAPER_LRS, schedulers=("constant", "cosine")):
+def extra_grid(teacher_path, seed=0, lrs=PAPER_LRS, schedulers=("cosine",)):
     """The 2x2 (reinforce, simpo; sft1 and rl come from the paper grid) and distillation (Fig. 9):
-    15 lrs x 2 schedulers x 1 epoch each (our choice; App. B.3 gives no grid for them on MNIST)."""
+    15 lrs x cosine x 1 epoch each (our choice; the paper gives no MNIST grid for them)."""
     grid = [RunConfig(m, float(lr), sch, 1, seed=seed, study="2x2")
             for m in ("reinforce", "simpo") for sch in schedulers for lr in lrs]
     grid += [RunConfig("sft-distill", float(lr), sch, 1, seed=seed, teacher=str(teacher_path), study="distill")
@@ -630,9 +633,10 @@ def seeds_grid(seeds=(0, 1, 2)):
 
 
 def quick_grid(teacher_path, seed=0):
-    grid = [RunConfig(m, float(lr), "cosine", 1, seed=seed, study="quick") for m in FIG3_METHODS for lr in QUICK_LRS]
-    grid += extra_grid(teacher_path, seed, lrs=QUICK_LRS, schedulers=("cosine",))
-    return grid + [dataclasses.replace(c, study="quick") for c in fig10_grid(seed)]
+    """Labs: 5 methods x 3 lrs (the Fig. 10 lr logging every 10th step), reinforce/simpo/distill x 2 lrs."""
+    grid = [RunConfig(m, float(lr), "cosine", 1, seed=seed, study="quick", log_steps=10 if lr == FIG10_LR else 0)
+            for m in FIG3_METHODS for lr in QUICK_LRS]
+    return grid + [dataclasses.replace(c, study="quick") for c in extra_grid(teacher_path, seed, lrs=QUICK_LRS[1:])]
 
 
 _DATA = {}
@@ -694,11 +698,14 @@ def reproduce(args, quick=False, seeds_only=False):
         run_sweep(quick_grid(teacher_for(data, args.seed), args.seed), out, data, args.eval_every,
                   args.max_batch, "quick sweep")
     else:
-        run_sweep(paper_grid(args.seed), out, data, args.eval_every, args.max_batch, "paper grid (Fig. 3)")
-        run_sweep(extra_grid(teacher_for(data, args.seed), args.seed), out, data, args.eval_every,
-                  args.max_batch, "2x2 + distillation")
-        run_sweep(fig10_grid(args.seed), out, data, args.eval_every, args.max_batch, "Fig. 10 step logs")
-        run_sweep(seeds_grid(), out, data, args.eval_every, args.max_batch, "seeds study")
+        # Ordered so that an interrupted run has data for every study; rerunning continues where it stopped.
+        grid = paper_grid(args.seed)
+        sweep = lambda configs, desc: run_sweep(configs, out, data, args.eval_every, args.max_batch, desc)  # noqa: E731
+        sweep([c for c in grid if c.epochs == 1], "paper grid (Fig. 3), 1 epoch")
+        sweep(extra_grid(teacher_for(data, args.seed), args.seed), "2x2 + distillation")
+        sweep(fig10_grid(args.seed), "Fig. 10 step logs")
+        sweep(seeds_grid(), "seeds study")
+        sweep([c for c in grid if c.epochs == 2], "paper grid (Fig. 3), 2 epochs")
     print(f"results: {out} ({time.perf_counter() - start:.0f} s)")
     if not args.no_figures:
         make_figures(out, Path("runs/parity/quick-plots") if quick else Path("plots"))
@@ -784,9 +791,12 @@ def bench(args):
 
 
 def single_run(args):
+    # Fail early and clearly on a bad checkpoint, before the data is loaded.
+    if args.teacher:
+        load_params(args.teacher)
+    if (RUNS_DIR / f"base_seed{args.seed}.pt").exists():
+        load_params(RUNS_DIR / f"base_seed{args.seed}.pt")
     data = get_data(args.data_dir)
-    if args.method == "sft-distill":
-        load_params(args.teacher)  # fail early and clearly on a bad teacher checkpoint
     cfg = RunConfig(args.method, args.lr, args.scheduler, args.epochs, args.batch_size, args.group_size,
                     args.seed, args.warmup, args.kl_coef, args.kl_direction, args.oracle_targets, args.teacher)
     out = Path(args.out or RUNS_DIR / "single.jsonl")

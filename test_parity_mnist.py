@@ -23,7 +23,7 @@ EVAL_KEYS = ["kind", "run_id", "method", "lr", "scheduler", "epochs", "batch_siz
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     return pm.load_data(str(DATA_DIR), train_size=2000, test_size=500)
 
 
@@ -77,8 +77,9 @@ def test_every_method_writes_well_formed_rows(method, small, ref, tmp_path):
 
 def test_oracle_targets_are_base_restricted_to_correct_parity(ref, data):
     digits = data.mnist_train_y[:200]
-    base_logp = torch.log_softmax(ref.mnist_train_logits[:200], -1)
-    oracle = kl.restrict_to_correct(ref.mnist_train_logits[:200], pm.correct_labels(digits)).exp()
+    base_logits = pm.mlp(ref.base, data.mnist_train_x[:200])
+    base_logp = torch.log_softmax(base_logits, -1)
+    oracle = kl.restrict_to_correct(base_logits, pm.correct_labels(digits)).exp()
     wrong = torch.arange(10) % 2 != (digits % 2).unsqueeze(-1)
     assert torch.all(oracle[wrong] == 0)
     torch.testing.assert_close(oracle.sum(-1), torch.ones(200))
@@ -139,9 +140,10 @@ def test_resume_after_interruption_gives_the_same_rows_once(small, ref, tmp_path
 
 
 def test_step_rows_for_fig10(small, ref):
-    rows, _ = pm.train_runs([config("sft1", 1e-3, log_steps=5)], small, ref)
-    assert [row["step"] for row in rows[0]] == [1, 6, 11, 16]
-    for row in rows[0]:
+    rows, _ = pm.train_runs([config("sft1", 1e-3, log_steps=5)], small, ref, eval_every=0.5)
+    assert [(row["kind"], row["step"]) for row in rows[0]] == [
+        ("eval", 0), ("step", 1), ("step", 6), ("eval", 10), ("step", 11), ("step", 16), ("eval", 20)]
+    for row in rows[0][1::3] + rows[0][2::3]:
         assert row["kind"] == "step" and -1 <= row["cos_update_prior_grad"] <= 1
         assert math.isfinite(row["delta_forward_kl"])
 
@@ -184,7 +186,7 @@ def run_script(*args, cwd=ROOT, env_extra=None):
 @pytest.mark.parametrize("args, message", [
     (["--method", "ppo"], "invalid choice: 'ppo'"),
     (["--lr", "0"], "--lr must be > 0"),
-    (["--lr", "-1e-3"], "--lr must be > 0"),
+    (["--lr=-1e-3"], "--lr must be > 0"),
     (["--method", "sft-distill"], "--method sft-distill needs --teacher"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
