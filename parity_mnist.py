@@ -122,9 +122,11 @@ def load_split(name, train, data_dir):
             sys.exit(f"error: {name} not found in {data_dir}/{name}/raw and it could not be downloaded; "
                      f"run `make data` or pass --data-dir pointing at a folder with MNIST/ and FashionMNIST/")
     mean, std = NORMALISATION[name]
-    pixels = (dataset.data.reshape(len(dataset.data), -1).float() / 255 - mean) / std
-    indicator = torch.full((len(pixels), 1), INDICATOR[name])
-    return torch.cat([pixels, indicator], 1), dataset.targets.clone()
+    inputs = torch.empty(len(dataset.data), 785)
+    inputs[:, :784] = dataset.data.reshape(len(dataset.data), -1)
+    inputs[:, :784].div_(255).sub_(mean).div_(std)  # in place: the same float ops as (x / 255 - mean) / std
+    inputs[:, 784] = INDICATOR[name]
+    return inputs, dataset.targets.clone()
 
 
 def load_data(data_dir, train_size=None, test_size=None):
