@@ -497,7 +497,7 @@ class StepProbe:
         runs = params["w1"].shape[0]
         fashion_loss = runs * kl.sft_loss(mlp(params, self.fashion_x), self.fashion_y.expand(runs, -1))
         self.grad = dict(zip(params, torch.autograd.grad(fashion_loss, list(params.values()))))
-        self.params = {k: v.detach() for k, v in params.items()}
+        self.params = {k: v.detach().clone() for k, v in params.items()}  # the optimizer updates in place
         self.kl_before = self.forward_kl(self.params)
 
     def after(self, params):
