@@ -47,10 +47,11 @@ ON_POLICY = ("grpo", "reinforce")
 PAPER_PRIOR_TASKS = "hellaswag,truthfulqa_mc2,mmlu,ifeval,winogrande,humaneval"
 TWIN_PRIOR_TASKS = "twin_copy,twin_reverse,twin_sort"
 # Learning-rate grids: PAPER.md §6.3 (RL) and §6.4 (SFT, SimPO); the twin is a 0.8M-parameter
-# model trained from scratch, whose useful learning rates are ~30x larger.
+# model whose useful learning rates span 3e-5 (slow) to 1e-3 (destructive in 100 steps).
 PAPER_LRS = {"grpo": [1e-5, 2e-5, 3e-5, 4e-5, 5e-5], "reinforce": [1e-5, 3e-5, 5e-5],
              "sft": [1e-5, 3e-5, 5e-5, 7e-5, 9e-5], "simpo": [1e-5, 3e-5, 5e-5]}
-TWIN_LRS = {"grpo": [3e-4, 1e-3, 3e-3], "reinforce": [1e-3], "sft": [3e-4, 1e-3, 3e-3], "simpo": [1e-3]}
+TWIN_LRS = {"grpo": [3e-5, 1e-4, 3e-4, 1e-3], "reinforce": [1e-4, 3e-4], "sft": [3e-5, 1e-4, 3e-4, 1e-3],
+            "simpo": [1e-4, 3e-4]}
 
 
 def parse_args(argv=None):
@@ -119,9 +120,9 @@ def parse_args(argv=None):
     args.warmup_steps = 5 if twin and args.warmup_steps is None else (args.warmup_steps or 50)
     args.max_new_tokens = args.max_new_tokens or (24 if twin else 1024)
     args.batch_size = args.batch_size or ([32] if twin else [16, 32, 64, 128])
-    args.rl_prompts = args.rl_prompts or (256 if twin else 4096)
-    args.sft_examples = args.sft_examples or (1024 if twin else 100_000)
-    args.eval_every = args.eval_every or (4 if twin else 25)
+    args.rl_prompts = args.rl_prompts or (1024 if twin else 4096)
+    args.sft_examples = args.sft_examples or (4096 if twin else 100_000)
+    args.eval_every = args.eval_every or (16 if twin else 25)
     args.prior_tasks = (args.prior_tasks or (TWIN_PRIOR_TASKS if twin else PAPER_PRIOR_TASKS)).split(",")
     args.prior_limit = args.prior_limit or (100 if twin else None)
     args.lr_grid = {m: args.lr or (TWIN_LRS if twin else PAPER_LRS)[m] for m in METHODS}
@@ -193,26 +194,30 @@ def base_style_response(example, rng):
     return total if rng.random() < 0.5 else f"{example['prompt'].split(': ')[1]}={total}"
 
 
-def teacher_response(example):
-    """The SFT target for the twin: a correct answer in an external teacher's style that pi0 never
-    produces, as DeepSeek-R1 / GPT-4o chains are external to Qwen in the paper (§6.1)."""
-    return f"the sum is {example['answer']}"
+def teacher_response(example, total=None):
+    """The SFT target for the twin: the correct sum, always in the terse style ("143"). pi0 answers in
+    two styles; a teacher that uses one of them is an external labeling like ParityMNIST's "SFT dist. 1"
+    (§3.4), and as DeepSeek-R1 / GPT-4o chains are for Qwen (§6.1): correct, but not pi0's distribution.
+    With a wrong `total`: SimPO's rejected response."""
+    return total or example["answer"]
 
 
 def twin_new_task(num_train, num_test, num_kl, rng):
-    """Disjoint train / test / KL prompt sets for the addition task, with SFT and SimPO targets."""
+    """Disjoint train / test / KL prompt sets for the addition task, with SFT and SimPO targets.
+    Test and KL prompts are drawn first, so they do not depend on the training-set size."""
     seen, splits = set(), []
-    for size in (num_train, num_test, num_kl):
+    for size in (num_test, num_kl, num_train):
         split = []
         while len(split) < size:
             ex = twin_example("addition", rng)
             if ex["prompt"] not in seen:
                 seen.add(ex["prompt"])
                 ex["response"] = teacher_response(ex)
-                ex["rejected"] = f"the sum is {corrupt_number(ex['answer'], rng)}"
+                ex["rejected"] = teacher_response(ex, corrupt_number(ex["answer"], rng))
                 split.append(ex)
         splits.append(split)
-    return splits
+    test, kl_prompts, train = splits
+    return train, test, kl_prompts
 
 
 def pretrain_twin(path, steps, batch_size=64, lr=3e-3, seed=0):
@@ -983,7 +988,9 @@ def main(argv=None):
     if accelerator.is_main_process:  # evaluation runs on the main process only
         prior = PriorTasks(args)
         base_model = load_model(args, accelerator.device)
-        cache = out / f"kl_cache-{fingerprint}-{args.task}-{args.kl_prompts}x{args.kl_samples}-{args.max_new_tokens}.pt"
+        kl_key = hashlib.sha1(json.dumps([[ex["prompt"] for ex in kl_examples], args.kl_samples,
+                                          args.max_new_tokens]).encode()).hexdigest()[:10]
+        cache = out / f"kl_cache-{fingerprint}-{kl_key}.pt"
         base_samples = BaseSamples(base_model, tokenizer, kl_examples, args, cache)
         if not any(r["run_id"] == "base" for r in mine):
             append_result(results_path, {"run_id": "base", "task": args.task, "model": args.model,

@@ -141,6 +141,28 @@ def test_one_grpo_step_moves_the_surrogate_uphill(twin):
     assert surrogate() > before
 
 
+def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
+    tokenizer, base, path = twin
+    model = copy.deepcopy(base)
+    args = args_for(path, "--group-size", "8", "--max-new-tokens", "3", "--clip-eps", "0.2")
+    prompts = [L.chat_prompt(tokenizer, "copy: abc")] * 2
+    calls = []
+    real_loss = kl.policy_gradient_loss
+
+    def spy(logprobs, advantages, mask, old_logprobs=None, **kwargs):
+        calls.append(None if old_logprobs is None else (logprobs - old_logprobs).abs().max().item())
+        return real_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, **kwargs)
+
+    monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
+    optimizer, scheduler = make_optimizer(model, 1e-3)
+    torch.manual_seed(0)
+    reward = lambda response, answer: float(response[:1] < "m")  # noqa: E731  (about half the samples)
+    info = L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["abc"] * 2, reward, args, "grpo", 2)
+    assert 0 < info["reward"] < 1
+    assert optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
+    assert len(calls) == 2 and calls[0] == 0.0 and calls[1] > 0.0  # ratio 1 first, then pi / pi_old != 1
+
+
 def test_sft_step_lowers_the_loss_and_ignores_prompt_tokens(twin):
     tokenizer, base, path = twin
     model = copy.deepcopy(base)
@@ -215,8 +237,13 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     assert exact["kl_seq"] > 0.05
     assert abs(exact["k1_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
     assert abs(exact["k3_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
-    # The cache reloads to the same numbers.
+    # The cache reloads to the same numbers, and recomputing pi0's log-probs from a frozen copy (what
+    # happens when the cache would be too large) gives them too.
     assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").forward_kl(moved) == exact
+    uncached = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "samples.pt", max_gb=0.0)
+    assert uncached.base_logprobs is None
+    recomputed = uncached.forward_kl(moved, reference=base)
+    assert recomputed == pytest.approx(exact, rel=1e-5, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- reward checkers
