@@ -117,7 +117,7 @@ def parse_args(argv=None):
         p.error(f"--data-file {args.data_file} does not exist")
     twin = args.task == "addition"
     args.group_size = args.group_size or (8 if twin else 64)
-    args.warmup_steps = 5 if twin and args.warmup_steps is None else (args.warmup_steps or 50)
+    args.warmup_steps = (5 if twin else 50) if args.warmup_steps is None else args.warmup_steps
     args.max_new_tokens = args.max_new_tokens or (24 if twin else 1024)
     args.batch_size = args.batch_size or ([32] if twin else [16, 32, 64, 128])
     args.rl_prompts = args.rl_prompts or (1024 if twin else 4096)
@@ -726,8 +726,9 @@ class PriorTasks:
         try:  # fetch (or find in the cache) every task's data now, not after an hour of training
             self.manager.load(args.prior_tasks)
         except Exception as error:  # noqa: BLE001 (datasets raises many types when offline)
-            sys.exit(f"error: lm-eval could not load {','.join(args.prior_tasks)} ({type(error).__name__}): "
-                     "pre-fetch them on a connected machine with `make llm-prefetch` (README), then rerun")
+            sys.exit(f"error: lm-eval could not load {','.join(args.prior_tasks)} ({type(error).__name__}); "
+                     f"on a connected machine run `lm_eval --model hf --model_args pretrained={args.model} "
+                     f"--tasks {','.join(args.prior_tasks)} --limit 1` once to cache their data, then rerun")
 
     def scores(self, model, tokenizer):
         from lm_eval import simple_evaluate
@@ -848,10 +849,12 @@ def train_run(run_id, config, context, args):
         examples = examples[:args.sft_examples]
         per_step = config["batch_size"] * accelerator.num_processes
         total_steps = args.steps or config["epochs"] * len(examples) // per_step
-    make_schedule = get_constant_schedule_with_warmup if config["scheduler"] == "constant" else \
-        lambda opt, warmup: get_cosine_schedule_with_warmup(opt, warmup, total_steps)
-    scheduler = make_schedule(optimizer, args.warmup_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if config["scheduler"] == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    # The scheduler stays unprepared: accelerate would step it once per process, and our steps are global.
+    model, optimizer = accelerator.prepare(model, optimizer)
     order = random.Random(config["seed"])
     started, tokens = time.time(), {"rollout": 0, "update": 0}
     for step in tqdm(range(1, total_steps + 1), desc=run_id, mininterval=10, disable=not accelerator.is_main_process):
@@ -864,10 +867,10 @@ def train_run(run_id, config, context, args):
                            reward_fn, args, method, mu)
             tokens["rollout"] += info["generated_tokens"]
         else:
-            if (step - 1) % (len(examples) // per_step) == 0:  # a new epoch: reshuffle
+            steps_per_epoch = len(examples) // per_step
+            if (step - 1) % steps_per_epoch == 0:  # a new epoch: reshuffle
                 order.shuffle(examples)
-            start = ((step - 1) * per_step) % (len(examples) // per_step * per_step) + \
-                accelerator.process_index * config["batch_size"]
+            start = (step - 1) % steps_per_epoch * per_step + accelerator.process_index * config["batch_size"]
             info = offline_step(accelerator, model, optimizer, scheduler, tokenizer,
                                 examples[start:start + config["batch_size"]], args, method)
         tokens["update"] += info["update_tokens"]

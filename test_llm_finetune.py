@@ -359,11 +359,13 @@ def test_bad_input_gives_one_clear_line(tmp_path, twin, capsys):
     message = one_line_exit(["--model", str(path), "--data-file", str(bad), "--out", str(tmp_path)], capsys)
     assert "needs string fields 'prompt' and 'answer'" in message
     assert "does not exist" in one_line_exit(["--data-file", str(tmp_path / "missing.jsonl")], capsys)
+    message = one_line_exit(["--model", str(path), "--task", "math", "--out", str(tmp_path)], capsys)
+    assert "cannot load the math dataset" in message and "--data-file" in message
     message = one_line_exit(["--model", str(path), "--prior-tasks", "no_such_task", "--out", str(tmp_path)], capsys)
     assert "unknown lm-eval task" in message
     # A built-in task whose data is not on this offline machine: advice, not a hub traceback.
     message = one_line_exit(["--model", str(path), "--prior-tasks", "winogrande", "--out", str(tmp_path)], capsys)
-    assert "pre-fetch" in message
+    assert "on a connected machine run `lm_eval" in message
 
 
 def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, tmp_path):
