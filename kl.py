@@ -273,15 +273,16 @@ def fit_law(predictor, forgetting, degree=2):
     """Least-squares polynomial fit of forgetting (or prior-task score) against a predictor.
 
     The paper pools every method's points into one degree-2 fit and reports its R^2 (Table 1).
-    Returns (coefficients, highest power first as numpy.polyfit; r2). A constant target has no
-    variance to explain: R^2 is then nan.
+    Returns (coefficients, highest power first as numpy.polyfit; r2). A constant target (up to
+    float rounding) has no variance to explain: R^2 is then nan.
     """
     x, y = np.asarray(predictor, np.float64), np.asarray(forgetting, np.float64)
     design = np.vander(x, degree + 1)
     coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
     residual = y - design @ coefficients
     total = ((y - y.mean()) ** 2).sum()
-    r2 = 1.0 - (residual**2).sum() / total if total > 0 else float("nan")
+    has_variance = total > 1e-12 * (y**2).sum()
+    r2 = 1.0 - (residual**2).sum() / total if has_variance else float("nan")
     return coefficients, float(r2)
 
 

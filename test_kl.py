@@ -332,6 +332,10 @@ def test_fit_law_matches_numpy_polyfit_on_noisy_data():
         residual = y - np.polyval(reference, x)
         assert r2 == pytest.approx(1 - residual.var() / y.var())
     assert math.isnan(kl.fit_law(x, np.ones_like(x))[1])
+    assert math.isnan(kl.fit_law(x, np.zeros_like(x))[1])
+    # a score that is constant up to float rounding (299/300 summed in different orders) is constant
+    rounded = np.array([sum([1 / 300] * 299), 299 / 300, 1 - 1 / 300] * 10)
+    assert np.ptp(rounded) > 0 and math.isnan(kl.fit_law(np.arange(30.0), rounded)[1])
 
 
 def test_bootstrap_r2_interval_and_groups():
