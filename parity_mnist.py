@@ -437,14 +437,19 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
     warmup_steps = round(cfg.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, [lr_multiplier(c.scheduler, warmup_steps, total_steps) for c in configs])
-    eval_steps = sorted({min(total_steps, round(k * eval_every * steps_per_epoch))
-                         for k in range(1, math.floor(cfg.epochs / eval_every + 1e-9) + 1)} | {total_steps})
+    eval_steps = set()  # eval_every = 0: no evaluation at all (the benchmark times training alone)
+    if eval_every > 0:
+        eval_steps = {min(total_steps, round(k * eval_every * steps_per_epoch))
+                      for k in range(1, math.floor(cfg.epochs / eval_every + 1e-9) + 1)} | {total_steps}
+
     def stacked():  # [R, ...] weights for the batched forward pass (a view, not a copy, for one run)
         if runs == 1:
             return {k: v.unsqueeze(0) for k, v in per_run[0].items()}
         return {k: torch.stack([p[k] for p in per_run]) for k in PARAM_SHAPES}
-    base_metrics = evaluate(ref.base, data, ref)
-    rows = [[row_for(c, 0, 0.0, 0.0, base_metrics)] for c in configs]
+    rows = [[] for _ in configs]
+    if eval_steps:
+        base_metrics = evaluate(ref.base, data, ref)
+        rows = [[row_for(c, 0, 0.0, 0.0, base_metrics)] for c in configs]
     step_probe = StepProbe(data, ref) if cfg.log_steps else None
     start, step = time.perf_counter(), 0
     bar = tqdm(total=total_steps, desc=f"{cfg.method} x{runs}", disable=not progress, leave=False)
@@ -472,7 +477,7 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
                     metrics = evaluate({k: v.detach() for k, v in per_run[r].items()}, data, ref)
                     rows[r].append(row_for(c, step, step / steps_per_epoch, wall, metrics))
     bar.close()
-    for run_rows in rows:
+    for run_rows in filter(None, rows):
         run_rows[-1]["last"] = True  # marks the run complete in the results file
     return rows, [{k: v.detach() for k, v in p.items()} for p in per_run]
 
@@ -635,10 +640,10 @@ def seeds_grid(seeds=(0, 1, 2)):
 
 
 def quick_grid(teacher_path, seed=0):
-    """Labs: 5 methods x 3 lrs (the Fig. 10 lr logging every 10th step), reinforce/simpo/distill x 2 lrs."""
+    """Labs: 5 methods x 3 lrs (the Fig. 10 lr logging every 10th step), reinforce/simpo/distill at that lr."""
     grid = [RunConfig(m, float(lr), "cosine", 1, seed=seed, study="quick", log_steps=10 if lr == FIG10_LR else 0)
             for m in FIG3_METHODS for lr in QUICK_LRS]
-    return grid + [dataclasses.replace(c, study="quick") for c in extra_grid(teacher_path, seed, lrs=QUICK_LRS[1:])]
+    return grid + [dataclasses.replace(c, study="quick") for c in extra_grid(teacher_path, seed, lrs=[FIG10_LR])]
 
 
 _DATA = {}
@@ -754,14 +759,14 @@ def bench(args):
     sub = dataclasses.replace(data, mnist_train_x=data.mnist_train_x[:steps * batch],
                               mnist_train_y=data.mnist_train_y[:steps * batch])
     configs = [RunConfig("rl", float(lr), "constant", seed=args.seed) for lr in np.geomspace(3e-6, 1e-3, runs)]
-    wall = timed(lambda: train_runs(configs, sub, ref, eval_every=1e9, progress=False), 1)
+    wall = timed(lambda: train_runs(configs, sub, ref, eval_every=0, progress=False), 1)
     samples = runs * steps * batch
     achieved = samples * training_flops_per_sample() / wall / 1e9
     lines += ["", f"Fine-tuning throughput ({runs} rl runs trained as one batched model, batch {batch}, "
               f"G = 8): {samples / wall:,.0f} samples/s, {achieved:.1f} GFLOP/s = "
               f"{100 * achieved / peak:.0f} % of the measured matmul peak ({peak:.1f} GFLOP/s)."]
     single = [RunConfig("rl", 3e-4, seed=args.seed)]
-    wall_single = timed(lambda: train_runs(single, sub, ref, eval_every=1e9, progress=False), 1)
+    wall_single = timed(lambda: train_runs(single, sub, ref, eval_every=0, progress=False), 1)
     lines.append(f"One run alone: {steps * batch / wall_single:,.0f} samples/s.")
     # Wall times of the two commands a lab runs.
     for label, cmd in (("`python parity_mnist.py --method rl` (cached base)",
