@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import re
@@ -72,18 +71,18 @@ def parse_args(argv=None):
     g.add_argument("--scheduler", nargs="+", default=["constant"], choices=["constant", "cosine"])
     g.add_argument("--warmup-steps", type=int, help="default 50 (the paper), 5 for the twin")
     g.add_argument("--seed", nargs="+", type=int, default=[0])
-    g.add_argument("--steps", type=int, help="optimizer steps per run (default: 1 epoch of the RL "
-                   "prompts for RL, --epochs over the data for SFT/SimPO)")
+    g.add_argument("--epochs", nargs="+", type=int, default=[1], help="passes over the RL prompts or the "
+                   "SFT data (paper: 1 for RL, {1, 2} for SFT)")
+    g.add_argument("--steps", type=int, help="optimizer steps per run, overriding --epochs")
     g = p.add_argument_group("RL (GRPO, 1-0 REINFORCE)")
     g.add_argument("--group-size", type=int, help="completions per prompt (paper 64, twin 8)")
     g.add_argument("--prompts-per-step", type=int, default=8, help="prompts per generation round (paper 8)")
     g.add_argument("--mu", nargs="+", type=int, default=[1], help="updates per generation round; "
                    "mu > 1 uses the clipped ratio (paper: {1, 2})")
     g.add_argument("--clip-eps", type=float, default=0.2)
-    g.add_argument("--rl-prompts", type=int, help="training prompts for RL (one epoch)")
+    g.add_argument("--rl-prompts", type=int, help="training prompts for RL (one epoch; paper: all)")
     g = p.add_argument_group("SFT and SimPO")
     g.add_argument("--batch-size", nargs="+", type=int, help="examples per step (paper {16,32,64,128})")
-    g.add_argument("--epochs", nargs="+", type=int, default=[1], help="paper {1, 2}")
     g.add_argument("--sft-examples", type=int, help="training examples for SFT/SimPO")
     g = p.add_argument_group("generation and evaluation")
     g.add_argument("--max-new-tokens", type=int, help="response length cap (default 1024, twin 24)")
@@ -356,7 +355,10 @@ def read_local_examples(path):
     optionally "response" (SFT target) and "rejected" (SimPO negative)."""
     text = Path(path).read_text()
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as error:
         sys.exit(f"error: {path} is not JSON or JSONL ({error.msg} at line {error.lineno})")
     for i, row in enumerate(rows):
@@ -408,7 +410,8 @@ def load_new_task(args):
     rng.shuffle(rows)
     held_out = args.num_test + args.kl_prompts
     if len(rows) <= held_out:
-        sys.exit(f"error: {len(rows)} examples are too few for --num-test {args.num_test} + --kl-prompts {args.kl_prompts}")
+        sys.exit(f"error: {len(rows)} examples are too few for --num-test {args.num_test} "
+                 f"+ --kl-prompts {args.kl_prompts}")
     return rows[held_out:], rows[:args.num_test], rows[args.num_test:held_out]
 
 
@@ -617,7 +620,8 @@ class BaseSamples:
         self.tokenizer, self.micro_batch = tokenizer, args.micro_batch
         if path.exists():
             cached = torch.load(path)
-            self.batches, self.truncated, self.base_logprobs = cached["batches"], cached["truncated"], cached["logprobs"]
+            self.batches, self.truncated = cached["batches"], cached["truncated"]
+            self.base_logprobs = cached["logprobs"]
             return
         prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
         with torch.random.fork_rng():
@@ -716,7 +720,8 @@ class PriorTasks:
         for task in args.prior_tasks:
             if task not in self.manager.all_tasks:
                 sys.exit(f"error: unknown lm-eval task {task!r} in --prior-tasks (see `lm_eval ls tasks`)")
-        if "ifeval" in args.prior_tasks and not all(importlib.util.find_spec(m) for m in ("langdetect", "immutabledict")):
+        ifeval_modules = ("langdetect", "immutabledict")
+        if "ifeval" in args.prior_tasks and not all(importlib.util.find_spec(m) for m in ifeval_modules):
             sys.exit("error: ifeval needs `pip install langdetect immutabledict` (or drop it from --prior-tasks)")
         if "humaneval" in args.prior_tasks:
             if not args.allow_unsafe_code:
@@ -789,7 +794,7 @@ def load_model(args, device):
 def sweep(args):
     """Every configuration to run: the product of the listed values that apply to each method."""
     for method in args.method:
-        shape = (args.mu, [None], [None]) if method in ON_POLICY else ([None], args.batch_size, args.epochs)
+        shape = (args.mu, [None], args.epochs) if method in ON_POLICY else ([None], args.batch_size, args.epochs)
         for lr, scheduler, seed, (mu, batch_size, epochs) in itertools.product(
                 args.lr_grid[method], args.scheduler, args.seed, itertools.product(*shape)):
             config = {"method": method, "lr": lr, "scheduler": scheduler, "seed": seed, "mu": mu,
@@ -840,7 +845,7 @@ def train_run(run_id, config, context, args):
     if method in ON_POLICY:
         per_step = args.prompts_per_step * accelerator.num_processes
         examples = random.sample(train, min(args.rl_prompts, len(train)))
-        total_steps = args.steps or len(examples) // per_step
+        total_steps = args.steps or config["epochs"] * len(examples) // per_step
     else:
         examples = [ex for ex in train if ex.get("response") and (method == "sft" or ex.get("rejected"))]
         if not examples:
@@ -948,14 +953,15 @@ def bench(accelerator, tokenizer, train, reward_fn, args, rounds=5):
     totals = {"rollout_s": 0.0, "update_s": 0.0, "generated_tokens": 0, "update_tokens": 0}
     for i in range(rounds):
         batch = train[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]
-        info = rl_step(accelerator, model, optimizer, scheduler, tokenizer, [chat_prompt(tokenizer, ex["prompt"]) for ex in batch],
-                       [ex["answer"] for ex in batch], reward_fn, args, "grpo", 1)
+        prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in batch]
+        info = rl_step(accelerator, model, optimizer, scheduler, tokenizer, prompts, [ex["answer"] for ex in batch],
+                       reward_fn, args, "grpo", 1)
         for key in totals:
             totals[key] += info[key]
     sft_tokens, started = 0, time.perf_counter()
     for i in range(rounds):
-        sft_tokens += offline_step(accelerator, model, optimizer, scheduler, tokenizer,
-                                   train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]], args, "sft")["update_tokens"]
+        batch = train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]]
+        sft_tokens += offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")["update_tokens"]
     sft_s = time.perf_counter() - started
     print(f"bench {args.model} on {accelerator.device} ({torch.get_num_threads()} threads): rollout "
           f"{totals['generated_tokens'] / totals['rollout_s']:.0f} tokens/s (batch {args.prompts_per_step}x"
@@ -1007,7 +1013,8 @@ def main(argv=None):
         if any(r.get("done") for r in mine if r["run_id"] == run_id):
             continue
         done_steps = {r["step"] for r in mine if r["run_id"] == run_id}
-        context = (accelerator, tokenizer, train, test, reward_fn, base_samples, prior, results_path, done_steps, reference)
+        context = (accelerator, tokenizer, train, test, reward_fn, base_samples, prior, results_path, done_steps,
+                   reference)
         train_run(run_id, config, context, args)
 
 

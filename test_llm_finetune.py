@@ -157,7 +157,8 @@ def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
     optimizer, scheduler = make_optimizer(model, 1e-3)
     torch.manual_seed(0)
     reward = lambda response, answer: float(response[:1] < "m")  # noqa: E731  (about half the samples)
-    info = L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["abc"] * 2, reward, args, "grpo", 2)
+    info = L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["abc"] * 2, reward, args,
+                     "grpo", 2)
     assert 0 < info["reward"] < 1
     assert optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
     assert len(calls) == 2 and calls[0] == 0.0 and calls[1] > 0.0  # ratio 1 first, then pi / pi_old != 1
@@ -203,8 +204,9 @@ def test_simpo_step_prefers_the_chosen_response(twin):
     examples = [{"prompt": "add: 100+200", "response": "the sum is 300", "rejected": "the sum is 301"}] * 4
     args = args_for(path, "--method", "simpo")
     prompt = [L.chat_prompt(tokenizer, examples[0]["prompt"])]
-    gap = lambda: (L.response_logprobs(model, L.pack(tokenizer, prompt, [tokenizer("the sum is 300<|end|>")["input_ids"]])).sum()  # noqa: E731
-                   - L.response_logprobs(model, L.pack(tokenizer, prompt, [tokenizer("the sum is 301<|end|>")["input_ids"]])).sum()).item()
+    chosen, rejected = (L.pack(tokenizer, prompt, [tokenizer(text + "<|end|>")["input_ids"]])
+                        for text in ("the sum is 300", "the sum is 301"))
+    gap = lambda: (L.sequence_logprob(model, chosen) - L.sequence_logprob(model, rejected)).item()  # noqa: E731
     before = gap()
     optimizer, scheduler = make_optimizer(model, 1e-3)
     L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "simpo")
