@@ -21,9 +21,17 @@ EVAL_KEYS = ["kind", "run_id", "method", "lr", "scheduler", "epochs", "batch_siz
              "reverse_kl", "tv", "l2", "js", "weight_l1", "fisher_l2", "spectral_norm", "act_l1", "act_l2", "cka"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the script's default on this shared machine; restored for other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
     return pm.load_data(str(DATA_DIR), train_size=2000, test_size=500)
 
 
