@@ -421,7 +421,7 @@ def distillation(results, plots_dir):
         right.scatter(column(rows[m], "forward_kl"), column(rows[m], "fashion_acc"), s=8, alpha=0.5,
                       color=colour(m), label=label(m), linewidths=0)
     if ok.sum() >= 4:
-        grid = np.linspace(0, max(x[ok].max(), np.nanmax(column(rows["sft-distill"], "forward_kl"))), 200)
+        grid = np.linspace(0, max(np.nanmax(column(rows[m], "forward_kl")) for m in rows), 200)
         right.plot(grid, np.polyval(kl.fit_law(x[ok], y[ok])[0], grid), "k--", lw=1.2,
                    label="forgetting law fitted on the Fig. 3 methods")
     left.set(xlabel="ParityMNIST accuracy", ylabel="FashionMNIST accuracy", title="Trade-off: Pareto frontiers")
@@ -441,44 +441,55 @@ def distillation(results, plots_dir):
 def dynamics(results, plots_dir):
     """Fig. 10: per step, cosine(update, FashionMNIST-loss gradient) vs the step's change in forward KL.
 
-    A positive cosine means the step climbs the prior-task loss, i.e. forgets. The statistic is
-    Spearman's rank correlation over every step row of the method (all seeds).
+    A positive cosine means the step climbs the prior-task loss, i.e. forgets. Statistics over every
+    step row of a method (all seeds): Pearson's r (driven by the large steps) and Spearman's rank rho
+    (every step counts the same), per method and with all methods pooled.
     """
     by_method = defaultdict(list)
     for r in results.steps:
         by_method[r.get("method")].append(r)
     stats = {}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     rng = np.random.default_rng(0)
+    pooled = [], []
     for m in [m for m in METHODS if m in by_method]:
         dkl, cos = column(by_method[m], "delta_forward_kl"), column(by_method[m], "cos_update_prior_grad")
         ok = np.isfinite(dkl) & np.isfinite(cos)
         if ok.sum() < 3:
             continue
         dkl, cos = dkl[ok], cos[ok]
-        rho = scipy.stats.spearmanr(dkl, cos).statistic
-        stats[m] = {"rho": float(rho), "steps": int(ok.sum()), "median_cos": float(np.median(cos))}
+        pooled[0].append(dkl), pooled[1].append(cos)
+        stats[m] = correlations(dkl, cos)
         shown = rng.permutation(len(dkl))[:MAX_SCATTER]
         ax.scatter(dkl[shown], cos[shown], s=4, alpha=0.25, color=colour(m), linewidths=0)
         edges = np.quantile(dkl, np.linspace(0, 1, 11))  # decile bins of the KL change
         which = np.clip(np.searchsorted(edges, dkl, side="right") - 1, 0, 9)
         centres = [np.median(dkl[which == b]) for b in range(10) if (which == b).any()]
         means = [cos[which == b].mean() for b in range(10) if (which == b).any()]
-        ax.plot(centres, means, "-o", ms=3, color=colour(m), label=f"{label(m)} (Spearman ρ = {rho:.2f})")
+        ax.plot(centres, means, "-o", ms=3, color=colour(m),
+                label=f"{label(m)} (Pearson r = {stats[m]['pearson']:.2f}, Spearman ρ = {stats[m]['spearman']:.2f})")
     if not stats:
         plt.close(fig)
         return skip("Fig. 10 (per-step dynamics)", "no step rows with cos_update_prior_grad and delta_forward_kl")
+    stats["all"] = correlations(np.concatenate(pooled[0]), np.concatenate(pooled[1]))
     ax.axhline(0, color="gray", lw=0.8)
-    changes = np.abs(column(results.steps, "delta_forward_kl"))
-    changes = changes[np.isfinite(changes) & (changes > 0)]
-    ax.set_xscale("symlog", linthresh=float(np.quantile(changes, 0.1)) if changes.size else 1e-4)
-    ax.set(xlabel="change of forward KL on ParityMNIST test inputs caused by the step (nats)",
-           ylabel="cosine(update, ∇ FashionMNIST loss)",
-           title="Per-step dynamics (lines: means over deciles of the KL change)")
+    changes = np.abs(np.concatenate(pooled[0]))
+    changes = changes[changes > 0]
+    linthresh = 10.0 ** math.floor(math.log10(np.quantile(changes, 0.1))) if changes.size else 1e-4
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=2)
+    ax.set(xlabel="change of forward KL on ParityMNIST test inputs caused by the step (nats; linear within "
+                  f"±{linthresh:g})", ylabel="cosine(update, ∇ FashionMNIST loss)",
+           title="Per-step dynamics (lines: mean cosine per decile of the KL change)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5)
     save(fig, plots_dir, "parity_fig10_step_dynamics.png")
     return stats
+
+
+def correlations(delta_kl, cosine):
+    return {"steps": len(delta_kl), "median_cos": float(np.median(cosine)),
+            "pearson": float(scipy.stats.pearsonr(delta_kl, cosine).statistic),
+            "spearman": float(scipy.stats.spearmanr(delta_kl, cosine).statistic)}
 
 
 def representations(results, plots_dir):
@@ -491,7 +502,7 @@ def representations(results, plots_dir):
     base = results.base()
     summary = {m: best_at_accuracy(rows[m], "cka", target) for m in methods}
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for m in methods:
+    for m in [m for m in methods if m in FIG3_METHODS] or methods:  # the others are in the table
         draw_frontier(ax, rows[m] + [dict(base, cka=1.0)], "parity_acc", "cka", m)
     ax.axvline(target, color="gray", lw=0.8, ls=":")
     ax.set(xlabel="ParityMNIST accuracy", ylabel="linear CKA with the base model (last hidden layer)",
@@ -567,7 +578,7 @@ def train_bandit(base, correct, rule, lr, max_steps, stop_reward=1 - 1e-4, seed=
     """
     logits = base.clone().requires_grad_(rule != "em")
     optimizer = None if rule == "em" else (torch.optim.SGD if rule == "sgd-pg" else torch.optim.Adam)(
-        [logits], lr=lr, foreach=False)
+        [logits], lr=lr, fused=True)
     target = torch.where(correct, torch.arange(correct.shape[-1]), correct.shape[-1]).min(-1).values
     generator = torch.Generator().manual_seed(seed)
     record = set(np.unique(np.geomspace(1, max_steps, 200).astype(int)).tolist())
@@ -676,7 +687,7 @@ def verdict(ok):
     return "n/a (not measured)" if ok is None else ("**yes**" if ok else "**no**")
 
 
-def claims(fig3, tab1, two, distill, cka, theory_result):
+def claims(fig3, tab1, two, distill, dyn, cka, theory_result):
     """The paper's claims as (claim, evidence, reproduced?) rows; the criteria are stated in the evidence."""
     rows = []
     if fig3:
@@ -715,6 +726,12 @@ def claims(fig3, tab1, two, distill, cka, theory_result):
                      f"at parity >= {two['target']:.1%}: both on-policy methods have less KL (max {num(on_kl)}) and "
                      f"more FashionMNIST accuracy (min {pct(on_f)}) than both offline ones (min KL {num(off_kl)}, "
                      f"max {pct(off_f)})", on_kl < off_kl and on_f > off_f))
+    if dyn:
+        per_method = {m: v for m, v in dyn.items() if m != "all"}
+        positive = [label(m) for m, v in per_method.items() if v["pearson"] > 0]
+        rows.append(("Steps that move the KL more align more with the forgetting direction (Fig. 10)",
+                     f"Pearson r(ΔKL, cosine) pooled {dyn['all']['pearson']:.2f}; positive for {len(positive)} of "
+                     f"{len(per_method)} methods ({', '.join(positive) or 'none'})", len(positive) == len(per_method)))
     if cka and {"rl", "sft1"} <= cka["methods"].keys():
         c = cka["methods"]
         rows.append(("RL keeps representations closer to the base than SFT (Fig. 7)",
@@ -759,7 +776,7 @@ def write_report(path, results, fig3, tab1, two, distill, dyn, cka, theory_resul
     lines += [""]
 
     lines += ["### Claims", "", "| paper's claim | our evidence | reproduced? |", "|---|---|---|"]
-    lines += [f"| {c} | {e} | {verdict(ok)} |" for c, e, ok in claims(fig3, tab1, two, distill, cka, theory_result)]
+    lines += [f"| {c} | {e} | {verdict(ok)} |" for c, e, ok in claims(fig3, tab1, two, distill, dyn, cka, theory_result)]
     lines += [""]
 
     if fig3:
@@ -822,8 +839,10 @@ def write_report(path, results, fig3, tab1, two, distill, dyn, cka, theory_resul
         lines += ["### Fig. 10: per-step dynamics", "", "![Fig. 10](parity_fig10_step_dynamics.png)", "",
                   "Paper: steps that move the KL more align more with the direction that increases forgetting "
                   "(a positive relation; no number printed).", "",
-                  "| method | step rows | median cosine | Spearman ρ(ΔKL, cosine) |", "|---|---|---|---|"]
-        lines += [f"| {label(m)} | {v['steps']} | {v['median_cos']:.3f} | {v['rho']:.2f} |" for m, v in dyn.items()]
+                  "| method | step rows | median cosine | Pearson r(ΔKL, cosine) | Spearman ρ(ΔKL, cosine) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {'all methods pooled' if m == 'all' else label(m)} | {v['steps']} | {v['median_cos']:.3f} | "
+                  f"{v['pearson']:.2f} | {v['spearman']:.2f} |" for m, v in dyn.items()]
         lines += [""]
     if cka:
         lines += ["### Fig. 7 analogue: representation similarity", "", "![CKA](parity_fig7_cka.png)", "",
