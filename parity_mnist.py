@@ -629,6 +629,7 @@ def extra_grid(teacher_path, seed=0, lrs=PAPER_LRS, schedulers=("cosine",)):
 
 
 def fig10_grid(seed=0, every=1):
+    """Fig. 10: one run per Fig. 3 method (lr 1.3e-4, cosine, 1 epoch) with a step row every `every` steps."""
     return [RunConfig(m, FIG10_LR, "cosine", 1, seed=seed, study="fig10", log_steps=every) for m in FIG3_METHODS]
 
 
@@ -646,7 +647,7 @@ def quick_grid(teacher_path, seed=0):
     return grid + [dataclasses.replace(c, study="quick") for c in extra_grid(teacher_path, seed, lrs=[FIG10_LR])]
 
 
-_DATA = {}
+_DATA, _REFERENCES = {}, {}  # loaded once per process
 
 
 def get_data(data_dir):
@@ -655,10 +656,10 @@ def get_data(data_dir):
     return _DATA[data_dir]
 
 
-def reference_for(data, seed, progress=True, _cache={}):
-    if seed not in _cache:
-        _cache[seed] = build_reference(base_model(data, seed, progress), data)
-    return _cache[seed]
+def reference_for(data, seed, progress=True):
+    if seed not in _REFERENCES:
+        _REFERENCES[seed] = build_reference(base_model(data, seed, progress), data)
+    return _REFERENCES[seed]
 
 
 def teacher_for(data, seed, progress=True):
