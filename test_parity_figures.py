@@ -82,7 +82,7 @@ def test_every_figure_and_the_report_are_written(full_analysis):
                     "### Fig. 7 analogue", "### Theory"]:
         assert heading in report
     for png in FIGURES:
-        assert f"({png})" in report
+        assert f"{os.path.relpath(plots / png)})" in report
 
 
 def test_exact_quadratic_law_has_r2_one(full_analysis):
