@@ -906,18 +906,25 @@ def plot_results(results_path, args):
     colors = dict(zip(METHODS, ["tab:blue", "tab:cyan", "tab:red", "tab:orange"]))
     Path("plots").mkdir(exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for method in methods:  # the base model is a point of every method's frontier (PAPER.md §8)
-        points = [r for r in rows if r["method"] == method] + ([base] if base else [])
-        new, prior = [r["new_task_acc"] for r in points], [r["prior_avg"] for r in points]
-        ax.scatter(new, prior, s=12, alpha=0.35, color=colors[method])
-        front = kl.pareto_frontier(new, prior)
-        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", ms=4, color=colors[method], label=method)
-    if base:
-        ax.scatter([base["new_task_acc"]], [base["prior_avg"]], marker="*", s=150, color="k", zorder=5, label="base")
-    ax.set(xlabel="new-task accuracy (T=1 samples)", ylabel="prior-task score (lm-eval average)",
-           title=f"{args.task}: trade-off, Pareto frontiers")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    frontier_priors = []
+    for ax in axes:  # the same points twice: all of them, then zoomed on the frontiers
+        for method in methods:  # the base model is a point of every method's frontier (PAPER.md §8)
+            points = [r for r in rows if r["method"] == method] + ([base] if base else [])
+            new, prior = [r["new_task_acc"] for r in points], [r["prior_avg"] for r in points]
+            ax.scatter(new, prior, s=12, alpha=0.35, color=colors[method])
+            front = kl.pareto_frontier(new, prior)
+            frontier_priors += [prior[i] for i in front]
+            ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", ms=4, color=colors[method], label=method)
+        if base:
+            ax.scatter([base["new_task_acc"]], [base["prior_avg"]], marker="*", s=150, color="k", zorder=5,
+                       label="base")
+        ax.set(xlabel="new-task accuracy (T=1 samples)", ylabel="prior-task score (lm-eval average)")
+    axes[0].set_title(f"{args.task}: trade-off, Pareto frontiers")
+    low, high = min(frontier_priors), max(frontier_priors)
+    axes[1].set_ylim(low - 0.2 * (high - low) - 1e-3, high + 0.2 * (high - low) + 1e-3)
+    axes[1].set_title("zoom on the frontiers")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig("plots/llm_pareto.png", dpi=130)
 
