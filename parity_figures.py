@@ -133,13 +133,13 @@ class Results:
             point[key] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
         return point
 
-    def fig3_runs(self, method, seed="primary"):
-        """Checkpoints of a method as Fig. 3 uses them: from the paper's grid if the file marks it."""
+    def checkpoints(self, method, seed="primary"):
+        """A method's checkpoints as every figure uses them: Fig. 3 methods from the paper's grid if marked."""
         return self.runs(method, seed, study=self.fig3_study if method in FIG3_METHODS else None)
 
     def law_points(self, methods=FIG3_METHODS, seed="primary"):
         """Points of the forgetting law: every checkpoint of `methods` plus the base model once."""
-        points = [r for m in methods for r in self.fig3_runs(m, seed)]
+        points = [r for m in methods for r in self.checkpoints(m, seed)]
         base = self.base(seed)
         return points + ([base] if base and points else [])
 
@@ -275,7 +275,7 @@ def draw_frontier(ax, rows, x_key, y_key, method, lower_x_is_better=False):
 
 def figure3(results, plots_dir, n_boot):
     """Fig. 3: the trade-off (left), forgetting vs forward KL pooled (middle), accuracy vs KL (right)."""
-    methods = [m for m in FIG3_METHODS if results.fig3_runs(m)]
+    methods = [m for m in FIG3_METHODS if results.checkpoints(m)]
     if not methods:
         return skip("Fig. 3", "no rows of the Fig. 3 methods (sft1, sft2, sft-oracle, rl, rl-kl)")
     base = results.base()
@@ -284,7 +284,7 @@ def figure3(results, plots_dir, n_boot):
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 5))
 
     for m in methods:  # left: FashionMNIST vs parity accuracy, the base counted as a point of every method
-        draw_frontier(left, results.fig3_runs(m) + [base], "parity_acc", "fashion_acc", m)
+        draw_frontier(left, results.checkpoints(m) + [base], "parity_acc", "fashion_acc", m)
     left.scatter([base["parity_acc"]], [base["fashion_acc"]], marker="*", s=160, color=BASE_COLOUR,
                  zorder=5, label="base")
     left.set(xlabel="ParityMNIST accuracy (new task)", ylabel="FashionMNIST accuracy (prior task)",
@@ -305,7 +305,7 @@ def figure3(results, plots_dir, n_boot):
                ylabel="FashionMNIST accuracy (prior task)", title=f"Forgetting law: all methods pooled ({n} points)")
 
     for m in methods:  # right: parity accuracy vs KL, frontier = most accuracy for the least KL
-        rows = results.fig3_runs(m) + [base]
+        rows = results.checkpoints(m) + [base]
         draw_frontier(right, rows, "forward_kl", "parity_acc", m, lower_x_is_better=True)
     right.set(xlabel="forward KL(π0 ‖ π) (nats)", ylabel="ParityMNIST accuracy (new task)",
               title="New-task accuracy vs KL")
@@ -317,10 +317,10 @@ def figure3(results, plots_dir, n_boot):
     percent_axis(left.xaxis)
     save(fig, plots_dir, "parity_fig3_tradeoff_and_law.png")
 
-    target = matched_target({m: results.fig3_runs(m) for m in methods})
+    target = matched_target({m: results.checkpoints(m) for m in methods})
     per_method = {}
     for m in methods:
-        rows = results.fig3_runs(m)
+        rows = results.checkpoints(m)
         parity = column(rows, "parity_acc")
         best = parity.max()
         per_method[m] = {
@@ -341,7 +341,7 @@ def figure3(results, plots_dir, n_boot):
 
 def table1(results, plots_dir, n_boot):
     """Table 1: R^2 of the pooled quadratic fit of FashionMNIST accuracy against each predictor."""
-    points = results.law_points([m for m in FIG3_METHODS if results.fig3_runs(m)])
+    points = results.law_points([m for m in FIG3_METHODS if results.checkpoints(m)])
     if not points:
         return skip("Table 1", "no rows of the Fig. 3 methods")
     rows = {}
@@ -373,12 +373,12 @@ def table1(results, plots_dir, n_boot):
 
 def two_by_two(results, plots_dir):
     """The 2x2 of §5.1 on ParityMNIST: on-policy vs offline, with vs without negative examples."""
-    methods = [m for m in TWO_BY_TWO if results.fig3_runs(m)]
+    methods = [m for m in TWO_BY_TWO if results.checkpoints(m)]
     missing = [m for m in TWO_BY_TWO if m not in methods]
     if missing:
         return skip("the 2x2 (Fig. 4 analogue)", f"no rows for {', '.join(missing)}")
     base = results.base()
-    rows = same_grid({m: results.fig3_runs(m) for m in methods})
+    rows = same_grid({m: results.checkpoints(m) for m in methods})
     target = matched_target(rows)
     summary = {m: {"fashion": best_at_accuracy(rows[m], "fashion_acc", target),
                    "kl": best_at_accuracy(rows[m], "forward_kl", target, higher_is_better=False)}
@@ -414,10 +414,10 @@ def two_by_two(results, plots_dir):
 
 def distillation(results, plots_dir):
     """Fig. 9: SFT on labels sampled from an RL-trained policy vs RL itself."""
-    if not results.fig3_runs("sft-distill") or not results.fig3_runs("rl"):
+    if not results.checkpoints("sft-distill") or not results.checkpoints("rl"):
         return skip("Fig. 9 (distillation)", "needs rows for both sft-distill and rl")
     base = results.base()
-    rows = same_grid({m: results.fig3_runs(m) for m in ("rl", "sft-distill")})
+    rows = same_grid({m: results.checkpoints(m) for m in ("rl", "sft-distill")})
     target = matched_target(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     law = results.law_points()
@@ -501,10 +501,10 @@ def correlations(delta_kl, cosine):
 
 def representations(results, plots_dir):
     """Fig. 7's toy analogue: linear CKA of hidden activations vs the base model, against accuracy."""
-    methods = [m for m in METHODS if np.isfinite(column(results.fig3_runs(m), "cka")).any()]
+    methods = [m for m in METHODS if np.isfinite(column(results.checkpoints(m), "cka")).any()]
     if not methods:
         return skip("Fig. 7 analogue (CKA)", "no rows with a 'cka' value")
-    rows = {m: [r for r in results.fig3_runs(m) if r.get("cka") is not None] for m in methods}
+    rows = {m: [r for r in results.checkpoints(m) if r.get("cka") is not None] for m in methods}
     target = matched_target(rows)
     base = results.base()
     summary = {m: best_at_accuracy(rows[m], "cka", target) for m in methods}
