@@ -732,7 +732,7 @@ class PriorTasks:
             self.manager.load(args.prior_tasks)
         except Exception as error:  # noqa: BLE001 (datasets raises many types when offline)
             sys.exit(f"error: lm-eval could not load {','.join(args.prior_tasks)} ({type(error).__name__}); "
-                     f"on a connected machine run `lm_eval --model hf --model_args pretrained={args.model} "
+                     f"on a connected machine run `lm-eval run --model hf --model_args pretrained={args.model} "
                      f"--tasks {','.join(args.prior_tasks)} --limit 1` once to cache their data, then rerun")
 
     def scores(self, model, tokenizer):

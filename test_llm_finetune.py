@@ -367,7 +367,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, twin, capsys):
     assert "unknown lm-eval task" in message
     # A built-in task whose data is not on this offline machine: advice, not a hub traceback.
     message = one_line_exit(["--model", str(path), "--prior-tasks", "winogrande", "--out", str(tmp_path)], capsys)
-    assert "on a connected machine run `lm_eval" in message
+    assert "on a connected machine run `lm-eval run" in message
 
 
 def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, tmp_path):
