@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 
-.PHONY: reproduce demo test bench data
+.PHONY: reproduce demo test bench data vulkan
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -30,5 +30,16 @@ demo: $(VENV)/installed data
 bench: $(VENV)/installed data
 	$(PY) parity_mnist.py --bench
 
-test: $(VENV)/installed data
+# ManiSkill's CPU renderer (vla_finetune.py) needs a Vulkan driver. On Debian 12 without a GPU, Mesa's
+# lavapipe from bookworm-backports (25.x) works and the stock 22.3 does not: as root, install it once.
+# Elsewhere this does nothing, and the ManiSkill test skips with the reason (README: "Vulkan").
+vulkan:
+	@if [ "$$(id -u)" = 0 ] && grep -q bookworm /etc/os-release 2>/dev/null \
+	    && ! dpkg-query -W -f='$${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^2[5-9]'; then \
+	  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	    > /etc/apt/sources.list.d/bookworm-backports.sources; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1; \
+	fi
+
+test: $(VENV)/installed data vulkan
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
