@@ -356,7 +356,8 @@ def table1(results, plots_dir, n_boot):
     ours = np.array([rows[k]["fit"][0] for k in measured])
     error = np.array([[rows[k]["fit"][0] - rows[k]["fit"][1], rows[k]["fit"][2] - rows[k]["fit"][0]]
                       for k in measured]).T
-    ax.bar(position - 0.27, ours, 0.27, yerr=error, capsize=3, color="tab:blue", label="ours (95 % CI, bootstrap over runs)")
+    ax.bar(position - 0.27, ours, 0.27, yerr=error, capsize=3, color="tab:blue",
+           label="ours (95 % CI, bootstrap over runs)")
     paper = [PAPER_TABLE1.get(k, (math.nan, 0)) for k in measured]
     ax.bar(position, [p[0] for p in paper], 0.27, yerr=[p[1] for p in paper], capsize=3, color="tab:gray",
            label="paper (Table 1)")
@@ -660,7 +661,8 @@ def theory(plots_dir):
                                    else ": 64 random π0 over 10 labels, S = one parity"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5, loc="upper left")
-    fig.suptitle("Theory (§5.2): the correct policy closest to π0 is π0 restricted to S, at KL = -log π0(S) (dotted). "
+    fig.suptitle("Theory (§5.2): the correct policy closest to π0 is π0 restricted to S, at KL = -log π0(S) "
+                 "(dotted). "
                  "A run stops once E[R] > 1 - 1e-4 on every input, or at its step budget.", fontsize=10)
     save(fig, plots_dir, "parity_theory_em.png")
     return experiment
@@ -694,41 +696,51 @@ def verdict(ok):
     return "n/a (not measured)" if ok is None else ("**yes**" if ok else "**no**")
 
 
-def claims(fig3, tab1, two, distill, dyn, cka, theory_result):
-    """The paper's claims as (claim, evidence, reproduced?) rows; the criteria are stated in the evidence."""
+def table(header, rows):
+    """Markdown table lines from a header and rows (lists of cells)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
+def claims(out):
+    """The paper's claims as (claim, evidence, reproduced?) rows; each criterion is stated in its evidence."""
     rows = []
+    fig3, tab1, two = out["fig3"], out["table1"], out["two_by_two"]
+    distill, dyn, cka = out["distill"], out["dynamics"], out["cka"]
     if fig3:
-        m, target = fig3["methods"], fig3["target"]
-        f = {k: v["fashion_at_target"] for k, v in m.items()}
+        target = fig3["target"]
+        f = {m: v["fashion_at_target"] for m, v in fig3["methods"].items()}
         if {"rl", "sft1", "sft2"} <= f.keys():
             rows.append(("RL forgets less than SFT at equal new-task accuracy",
-                         f"FashionMNIST at parity >= {target:.1%}: RL {pct(f['rl'])}, SFT dist. 1 {pct(f['sft1'])}, "
-                         f"SFT dist. 2 {pct(f['sft2'])}", f["rl"] > max(f["sft1"], f["sft2"])))
-        r2, pooled = fig3["r2"], len(m)
+                         f"FashionMNIST at parity >= {target:.1%}: RL {pct(f['rl'])}, SFT dist. 1 "
+                         f"{pct(f['sft1'])}, SFT dist. 2 {pct(f['sft2'])}", f["rl"] > max(f["sft1"], f["sft2"])))
+        r2, pooled = fig3["r2"], len(f)
         rows.append(("One curve for all methods, forward-KL R² near 0.96 (quadratic)",
                      f"R² {r2_text(r2)} pooled over {pooled} method(s) (criterion R² >= {R2_CLAIM}; peer 0.94)",
                      r2[0] >= R2_CLAIM if pooled >= 2 else None))
         if {"sft-oracle", "rl"} <= f.keys():
             rows.append(("Oracle SFT beats RL", f"FashionMNIST at parity >= {target:.1%}: oracle "
                          f"{pct(f['sft-oracle'])}, RL {pct(f['rl'])}", f["sft-oracle"] > f["rl"]))
-    if tab1 and tab1["forward_kl"]["fit"]:
-        fits = {k: v["fit"] for k, v in tab1.items() if v["fit"]}
-        runner_up = max((k for k in fits if k != "forward_kl"), key=lambda k: fits[k][0], default=None)
-        if runner_up:
-            best = fits["forward_kl"]
-            separated = best[1] > fits[runner_up][2]
-            rows.append(("Forward KL predicts forgetting better than every other predictor",
-                         f"forward KL {r2_text(best)}; best other: {PREDICTORS[runner_up]} {r2_text(fits[runner_up])}"
-                         f" ({'CIs separate' if separated else 'CIs overlap'})", best[0] > fits[runner_up][0]))
+    fits = {k: v["fit"] for k, v in (tab1 or {}).items() if v["fit"]}
+    if "forward_kl" in fits and len(fits) > 1:
+        best = fits["forward_kl"]
+        other = max((k for k in fits if k != "forward_kl"), key=lambda k: fits[k][0])
+        overlap = "CIs overlap" if best[1] <= fits[other][2] else "CIs separate"
+        rows.append(("Forward KL predicts forgetting better than every other predictor",
+                     f"forward KL {r2_text(best)}; best other: {PREDICTORS[other]} {r2_text(fits[other])} ({overlap})",
+                     best[0] > fits[other][0]))
     if distill:
         d, r = distill["methods"]["sft-distill"], distill["methods"]["rl"]
-        rows.append(("SFT distilled from RL matches RL", f"at parity >= {distill['target']:.1%}: FashionMNIST "
-                     f"{pct(d['fashion'])} vs RL {pct(r['fashion'])} (criterion: within {100 * DISTILL_TOLERANCE:.0f} points); "
-                     f"KL {num(d['kl'])} vs {num(r['kl'])}", abs(d["fashion"] - r["fashion"]) <= DISTILL_TOLERANCE))
+        rows.append(("SFT distilled from RL matches RL",
+                     f"at parity >= {distill['target']:.1%}: FashionMNIST {pct(d['fashion'])} vs RL "
+                     f"{pct(r['fashion'])} "
+                     f"(criterion: within {100 * DISTILL_TOLERANCE:.0f} points); KL {num(d['kl'])} vs {num(r['kl'])}",
+                     abs(d["fashion"] - r["fashion"]) <= DISTILL_TOLERANCE))
     if two:
         s = two["methods"]
         on_kl, off_kl = max(s["rl"]["kl"], s["reinforce"]["kl"]), min(s["sft1"]["kl"], s["simpo"]["kl"])
-        on_f, off_f = min(s["rl"]["fashion"], s["reinforce"]["fashion"]), max(s["sft1"]["fashion"], s["simpo"]["fashion"])
+        on_f = min(s["rl"]["fashion"], s["reinforce"]["fashion"])
+        off_f = max(s["sft1"]["fashion"], s["simpo"]["fashion"])
         rows.append(("On-policy sampling, not negative examples, is what matters (2x2)",
                      f"at parity >= {two['target']:.1%}: both on-policy methods have less KL (max {num(on_kl)}) and "
                      f"more FashionMNIST accuracy (min {pct(on_f)}) than both offline ones (min KL {num(off_kl)}, "
@@ -744,141 +756,156 @@ def claims(fig3, tab1, two, distill, dyn, cka, theory_result):
         rows.append(("RL keeps representations closer to the base than SFT (Fig. 7)",
                      f"linear CKA at parity >= {cka['target']:.1%}: RL {num(c['rl'])}, SFT dist. 1 {num(c['sft1'])} "
                      "(paper, LLM CKNNA: 0.94 vs 0.56)", c["rl"] > c["sft1"]))
-    for name, result in theory_result.items():
-        runs, minimum = result["runs"], result["min_kl"]
-        em, adam = runs["exact EM (I-step + M-step)"]["curve"][-1], runs["Adam on exact policy gradient"]["curve"][-1]
-        sft = runs["SFT on a fixed correct label, Adam"]["curve"][-1]
-        sgd, grpo = runs["plain SGD on logits, exact gradient"]["curve"][-1], runs["GRPO, sampled (G = 8), Adam"]["curve"][-1]
-        rows.append((f"Theory ({name}): exact EM and Adam on the exact policy gradient reach the KL-closest correct "
-                     "policy, SFT on a fixed label does not",
+    for name, result in out["theory"].items():
+        end = {rule: run["curve"][-1] for rule, run in result["runs"].items()}
+        em, adam = end["exact EM (I-step + M-step)"], end["Adam on exact policy gradient"]
+        sft, minimum = end["SFT on a fixed correct label, Adam"], result["min_kl"]
+        rows.append((f"Theory ({name}): exact EM and Adam on the exact policy gradient reach the KL-closest "
+                     "correct policy, SFT on a fixed label does not",
                      f"-log π0(S) = {minimum:.3f}; EM ends at {em:.3f}, Adam-PG at {adam:.3f}, SFT at {sft:.3f} "
-                     f"(not covered by the theorem: plain SGD {sgd:.3f}, sampled GRPO {grpo:.3f})",
+                     f"(outside the theorem: plain SGD {end['plain SGD on logits, exact gradient']:.3f}, "
+                     f"sampled GRPO {end['GRPO, sampled (G = 8), Adam']:.3f})",
                      abs(em - minimum) < 1e-6 and abs(adam - minimum) < 0.02 and sft > minimum + 0.05))
     return rows
 
 
-def write_report(path, results, fig3, tab1, two, distill, dyn, cka, theory_result):
+def report_header(results):
+    seeds = sorted({r.get("seed") for r in results.evals}, key=str)
+    runs, checkpoints = defaultdict(set), Counter()
+    for r in results.evals:
+        if r.get("seed") == results.seed:
+            runs[r.get("method")].add(r.get("run_id"))
+            checkpoints[r.get("method")] += r.get("step", 0) > 0
+    return [f"Results file `{results.path}`: {len(results.evals)} evaluation rows, {len(results.steps)} step rows, "
+            f"seeds {seeds}, studies {results.studies or 'unmarked'}; the figures use seed {results.seed}.", "",
+            *table(["method", "runs", "checkpoints after step 0"],
+                   [[label(m), len(runs[m]), checkpoints[m]] for m in METHODS if runs.get(m)]),
+            "How the numbers are read (choices the paper leaves open): the forgetting law and Table 1 pool every "
+            "checkpoint after step 0 of the five Fig. 3 methods at one seed, plus the base model once (each run's "
+            "step-0 row is the base model; the duplicates collapse into one point). R² is that of one degree-2 "
+            "least-squares fit of FashionMNIST accuracy (identical for the accuracy drop). Intervals: 95 % "
+            "percentile bootstrap over runs (whole runs resampled, so a run's checkpoints stay together); with "
+            "several seeds, also the R² refitted per seed on the configurations every seed ran. \"At X %\": the "
+            "best value (highest FashionMNIST accuracy, lowest KL, highest CKA) among a method's checkpoints with "
+            "parity accuracy >= X, with X = 96 % unless a compared method never gets there; comparisons between "
+            "methods use only the (lr, scheduler, epochs) configurations all of them ran. Linear CKA and the "
+            "activation metrics use the last hidden layer (256 units), as parity_mnist.py records them; KLs, TV, "
+            "L2 and JS are exact 10-way values averaged over ParityMNIST test images.", ""]
+
+
+def report_fig3(fig3, image):
+    base, target, methods = fig3["base"], fig3["target"], fig3["methods"]
+    rows = [["base", f"{PAPER_FIG3['base'][0]} / {pct(base['parity_acc'])}",
+             f"{PAPER_FIG3['base'][1]} / {pct(base['fashion_acc'])}", "0 / 0", "-", "-", "-"]]
+    for m, v in methods.items():
+        paper = PAPER_FIG3[m]
+        rows.append([label(m), f"{paper[0]} / {pct(v['best_parity'])}", f"{paper[1]} / {pct(v['fashion_at_best'])}",
+                     f"{paper[2]} / {num(v['max_kl'])}", f"{paper[3]} / {num(v['kl_at_target'])}",
+                     pct(v["fashion_at_target"]), f"{100 * v['mean_residual']:+.1f} points"])
+    order = sorted((m for m in methods if np.isfinite(methods[m]["fashion_at_target"])),
+                   key=lambda m: -methods[m]["fashion_at_target"])
+    r2 = fig3["r2"]
+    return ["### Fig. 3: trade-off and the forgetting law", "", image("Fig. 3", "parity_fig3_tradeoff_and_law.png"), "",
+            f"Paper values are read off its Fig. 3 (≈ fig.). \"At {target:.1%}\": the best value among the method's "
+            f"checkpoints with parity accuracy >= {target:.1%}. Residual: mean distance above (+) or below (-) the "
+            "pooled quadratic law.", "",
+            *table(["method", "best parity acc (paper / ours)", "FashionMNIST there (paper / ours)",
+                    "max forward KL (paper / ours)", f"forward KL at {target:.1%} (paper ≈96 % / ours)",
+                    f"FashionMNIST at {target:.1%} (ours)", "mean residual from the law (ours)"], rows),
+            f"Pareto ordering at {target:.1%} parity accuracy (by FashionMNIST accuracy): ours "
+            + " > ".join(label(m) for m in order) + "; paper " + " > ".join(label(m) for m in PAPER_PARETO_ORDER) + ".",
+            "",
+            *table(["forgetting law (FashionMNIST acc vs forward KL, degree 2, pooled)", "paper",
+                    "SakanaAI/rl-razor-mnist", "ours"],
+                   [["R², 95 % bootstrap CI over runs", "0.96 ± 0.01 (meaning unstated)", "0.94 (one seed)",
+                     f"{r2_text(r2)}, {r2[3]} points"],
+                    ["R² per seed, common configurations", "-", "-", seeds_text(fig3["seed_r2"])],
+                    ["R² with every method in the file pooled", "-", "-", r2_text(fig3["all_methods_r2"])],
+                    ["R² of a *linear* fit, for reference", "-", "-", f"{fig3['linear_r2']:.3f}"]])]
+
+
+def report_table1(tab1, image):
+    rows = []
+    for k, v in tab1.items():
+        paper = f"{PAPER_TABLE1[k][0]:.2f} ± {PAPER_TABLE1[k][1]:.2f}" if k in PAPER_TABLE1 else "- (not in paper)"
+        peer = "0.10 / 0.09" if k == "fisher_l2" else (f"{PEER_TABLE1[k]:.2f}" if k in PEER_TABLE1 else "-")
+        rows.append([PREDICTORS[k], paper, peer, r2_text(v["fit"]), seeds_text(v["seeds"])])
+    return ["### Table 1: alternative predictors of forgetting", "", image("Table 1", "parity_table1_predictors.png"),
+            "", "R² of a degree-2 fit of FashionMNIST accuracy on each predictor, the Fig. 3 points pooled "
+            "(distributional predictors on ParityMNIST test inputs).", "",
+            *table(["predictor", "paper", "SakanaAI/rl-razor-mnist", "ours (95 % CI, bootstrap over runs)",
+                    "ours per seed"], rows)]
+
+
+def report_two_by_two(two, image):
+    rows = [[label(m), TWO_BY_TWO[m], *PAPER_2X2[m], num(v["kl"]), pct(v["fashion"]),
+             pct(two["base_fashion"] - v["fashion"])] for m, v in two["methods"].items()]
+    return ["### The 2x2: on-policy vs negative examples (Fig. 4 analogue)", "",
+            image("2x2", "parity_2x2_onpolicy_vs_negatives.png"), "",
+            "The paper ran this study on the LLM (Science Q&A); its readings (≈ fig.) are there to compare the "
+            f"shape. Ours: ParityMNIST, at parity accuracy >= {two['target']:.1%}.", "",
+            *table(["method", "corner", "paper: KL range", "paper: prior-task score", "ours: forward KL",
+                    "ours: FashionMNIST acc", "ours: forgetting"], rows)]
+
+
+def report_distill(distill, image):
+    target = distill["target"]
+    rows = [[label(m), pct(v["best_parity"]), pct(v["fashion"]), num(v["kl"])] for m, v in distill["methods"].items()]
+    return ["### Fig. 9: SFT on an RL policy's samples", "", image("Fig. 9", "parity_fig9_distill_from_rl.png"), "",
+            "Paper: the distilled student matches its RL teacher within noise on both tasks.", "",
+            *table(["method", "best parity acc", f"FashionMNIST at {target:.1%}", f"forward KL at {target:.1%}"], rows)]
+
+
+def report_dynamics(dyn, image):
+    rows = [["all methods pooled" if m == "all" else label(m), v["steps"], f"{v['median_cos']:.3f}",
+             f"{v['pearson']:.2f}", f"{v['spearman']:.2f}"] for m, v in dyn.items()]
+    return ["### Fig. 10: per-step dynamics", "", image("Fig. 10", "parity_fig10_step_dynamics.png"), "",
+            "Paper: steps that move the KL more align more with the direction that increases forgetting "
+            "(a positive relation; no number printed).", "",
+            *table(["method", "step rows", "median cosine", "Pearson r(ΔKL, cosine)",
+                    "Spearman ρ(ΔKL, cosine)"], rows)]
+
+
+def report_cka(cka, image):
+    return ["### Fig. 7 analogue: representation similarity", "", image("CKA", "parity_fig7_cka.png"), "",
+            "Linear CKA between the base model's and the fine-tuned model's hidden activations (highest value at "
+            f"parity accuracy >= {cka['target']:.1%}). Paper: CKNNA on the LLM, RL 0.94 vs SFT 0.56.", "",
+            *table(["method", "CKA"], [[label(m), num(v, 3)] for m, v in cka["methods"].items()])]
+
+
+def report_theory(theory_result, image):
+    rows = []
+    for name, result in theory_result.items():
+        rows.append([name, "minimum over correct policies, -log π0(S)", "-", "-", f"{result['min_kl']:.3f}", "-"])
+        for rule, run in result["runs"].items():
+            final = "[" + ", ".join(f"{p:.4f}" for p in run["final"][0].tolist()) + "]"
+            rows.append([name, rule, "-" if run["lr"] is None else f"{run['lr']:g}", run["steps"][-1],
+                         f"{run['curve'][-1]:.3f}", final if name == "worked example" else "-"])
+    return ["### Theory (§5.2, App. A)", "", image("theory", "parity_theory_em.png"), "",
+            "Tabular softmax policies (one logit vector per input), exact expected gradients except GRPO; a run "
+            "stops once every input's expected reward exceeds 1 - 1e-4, or at its step budget "
+            f"({THEORY_MAX_STEPS['worked example']} / {THEORY_MAX_STEPS['ParityMNIST outputs']}).", "",
+            *table(["bandit", "update rule", "learning rate", "steps", "final KL(π ‖ π0)", "final π"], rows),
+            "Paper-given (PAPER.md §5): I-projection [0.8333, 0.1667, 0] at KL 0.511; Adam [0.8333, 0.1666, 0.0001] "
+            "at 0.510; SGD lr 0.5 [0.997, 0.003, 0.0001] at 0.676; SFT targets [1,0,0] 0.693, [0,1,0] 2.303, "
+            "uniform on S 0.805.", ""]
+
+
+def write_report(path, results, out):
+    """plots/parity_results.md: the claims, then one section per figure that was drawn."""
     def image(title, name):  # linked relative to where the command runs (the repository root), for README
         return f"![{title}]({os.path.relpath(os.path.join(os.path.dirname(path), name))})"
 
     lines = [f"<!-- generated by `python parity_figures.py --results {results.path}`; image paths are relative "
-             "to the repository root, for README; do not edit -->", ""]
-    lines += [f"Results file: `{results.path}`: {len(results.evals)} evaluation rows, {len(results.steps)} step rows, "
-              f"seeds {sorted({r.get('seed') for r in results.evals}, key=str)}"
-              + (f", studies {results.studies}" if results.studies else "") + f"; figures use seed {results.seed}.", ""]
-    counts = Counter(r.get("method") for r in results.evals if r.get("seed") == results.seed and r.get("step", 0) > 0)
-    runs = defaultdict(set)
-    for r in results.evals:
-        if r.get("seed") == results.seed:
-            runs[r.get("method")].add(r.get("run_id"))
-    lines += ["| method | runs | checkpoints (after step 0) |", "|---|---|---|"]
-    lines += [f"| {label(m)} | {len(runs[m])} | {counts[m]} |" for m in METHODS if runs.get(m)]
-    lines += ["", "How the numbers are read (choices the paper leaves open): the forgetting law and Table 1 pool every "
-              "checkpoint after step 0 of the five Fig. 3 methods at one seed, plus the base model once (each run's "
-              "step-0 row is the base model; the duplicates collapse into one point). R² is that of one degree-2 "
-              "least-squares fit of FashionMNIST accuracy (identical for the accuracy drop). Intervals: 95 % "
-              "percentile bootstrap over runs (whole runs resampled, so a run's checkpoints stay together); with "
-              "several seeds, also the R² refitted per seed on the configurations every seed ran. \"At X %\": the "
-              "best value (highest FashionMNIST accuracy, lowest KL, highest CKA) among a method's checkpoints with "
-              "parity accuracy >= X, with X = 96 % unless a compared method never gets there; comparisons between "
-              "methods use only the (lr, scheduler, epochs) configurations all of them ran. Linear CKA and the "
-              "activation metrics use the last hidden layer (256 units), as parity_mnist.py records them; KLs, TV, "
-              "L2 and JS are exact 10-way values averaged over ParityMNIST test images.", ""]
-    lines += [""]
-
-    lines += ["### Claims", "", "| paper's claim | our evidence | reproduced? |", "|---|---|---|"]
-    lines += [f"| {c} | {e} | {verdict(ok)} |" for c, e, ok in claims(fig3, tab1, two, distill, dyn, cka, theory_result)]
-    lines += [""]
-
-    if fig3:
-        base, target = fig3["base"], fig3["target"]
-        lines += ["### Fig. 3: trade-off and the forgetting law", "", image("Fig. 3", "parity_fig3_tradeoff_and_law.png"), "",
-                  f"Paper values are read off its Fig. 3 (≈ fig.). \"At {target:.1%}\": the best value among the method's "
-                  f"checkpoints with parity accuracy >= {target:.1%}.", "",
-                  f"| method | best parity acc (paper / ours) | FashionMNIST there (paper / ours) | max forward KL (paper / ours) "
-                  f"| forward KL at {target:.1%} (paper ≈96 % / ours) | FashionMNIST at {target:.1%} (ours) "
-                  "| mean residual from the pooled law (ours) |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| base | {PAPER_FIG3['base'][0]} / {pct(base['parity_acc'])} | {PAPER_FIG3['base'][1]} / "
-                  f"{pct(base['fashion_acc'])} | 0 / 0 | - | - | - |"]
-        for m, v in fig3["methods"].items():
-            p = PAPER_FIG3[m]
-            lines.append(f"| {label(m)} | {p[0]} / {pct(v['best_parity'])} | {p[1]} / {pct(v['fashion_at_best'])} | "
-                         f"{p[2]} / {num(v['max_kl'])} | {p[3]} / {num(v['kl_at_target'])} | {pct(v['fashion_at_target'])} | "
-                         f"{100 * v['mean_residual']:+.1f} points |")
-        reached = [m for m in fig3["methods"] if np.isfinite(fig3["methods"][m]["fashion_at_target"])]
-        order = sorted(reached, key=lambda m: -fig3["methods"][m]["fashion_at_target"])
-        lines += ["", f"Pareto ordering at {target:.1%} parity accuracy (by FashionMNIST accuracy): ours "
-                  + " > ".join(label(m) for m in order) + "; paper " + " > ".join(label(m) for m in PAPER_PARETO_ORDER)
-                  + ".", ""]
-        r2 = fig3["r2"]
-        lines += ["| forgetting law (FashionMNIST acc vs forward KL, degree 2, pooled) | paper | SakanaAI/rl-razor-mnist | ours |",
-                  "|---|---|---|---|",
-                  f"| R², 95 % bootstrap CI over runs | 0.96 ± 0.01 (meaning unstated) | 0.94 (one seed) | {r2_text(r2)}, {r2[3]} points |",
-                  f"| R² per seed, common configurations | - | - | {seeds_text(fig3['seed_r2'])} |",
-                  f"| R² with every method in the file pooled | - | - | {r2_text(fig3['all_methods_r2'])} |",
-                  f"| R² of a *linear* fit, for reference | - | - | {fig3['linear_r2']:.3f} |", ""]
-    if tab1:
-        lines += ["### Table 1: alternative predictors of forgetting", "", image("Table 1", "parity_table1_predictors.png"), "",
-                  "R² of a degree-2 fit of FashionMNIST accuracy on each predictor, the Fig. 3 points pooled "
-                  "(distributional predictors on ParityMNIST test inputs).", "",
-                  "| predictor | paper | SakanaAI/rl-razor-mnist | ours (95 % CI, bootstrap over runs) | ours per seed |",
-                  "|---|---|---|---|---|"]
-        for k, v in tab1.items():
-            paper = f"{PAPER_TABLE1[k][0]:.2f} ± {PAPER_TABLE1[k][1]:.2f}" if k in PAPER_TABLE1 else "- (not in paper)"
-            peer = "0.10 / 0.09" if k == "fisher_l2" else (f"{PEER_TABLE1[k]:.2f}" if k in PEER_TABLE1 else "-")
-            lines.append(f"| {PREDICTORS[k]} | {paper} | {peer} | {r2_text(v['fit'])} | {seeds_text(v['seeds'])} |")
-        lines += [""]
-    if two:
-        lines += ["### The 2x2: on-policy vs negative examples (Fig. 4 analogue)", "",
-                  image("2x2", "parity_2x2_onpolicy_vs_negatives.png"), "",
-                  f"The paper ran this study on the LLM (Science Q&A); its readings (≈ fig.) are there to compare the "
-                  f"shape. Ours: ParityMNIST, at parity accuracy >= {two['target']:.1%}.", "",
-                  "| method | corner | paper: KL range | paper: prior-task score | ours: forward KL | ours: FashionMNIST acc | ours: forgetting |",
-                  "|---|---|---|---|---|---|---|"]
-        for m, v in two["methods"].items():
-            lines.append(f"| {label(m)} | {TWO_BY_TWO[m]} | {PAPER_2X2[m][0]} | {PAPER_2X2[m][1]} | {num(v['kl'])} | "
-                         f"{pct(v['fashion'])} | {pct(two['base_fashion'] - v['fashion'])} |")
-        lines += [""]
-    if distill:
-        lines += ["### Fig. 9: SFT on an RL policy's samples", "", image("Fig. 9", "parity_fig9_distill_from_rl.png"), "",
-                  "Paper: the distilled student matches its RL teacher within noise on both tasks.", "",
-                  f"| method | best parity acc | FashionMNIST at {distill['target']:.1%} | forward KL at {distill['target']:.1%} |",
-                  "|---|---|---|---|"]
-        for m, v in distill["methods"].items():
-            lines.append(f"| {label(m)} | {pct(v['best_parity'])} | {pct(v['fashion'])} | {num(v['kl'])} |")
-        lines += [""]
-    if dyn:
-        lines += ["### Fig. 10: per-step dynamics", "", image("Fig. 10", "parity_fig10_step_dynamics.png"), "",
-                  "Paper: steps that move the KL more align more with the direction that increases forgetting "
-                  "(a positive relation; no number printed).", "",
-                  "| method | step rows | median cosine | Pearson r(ΔKL, cosine) | Spearman ρ(ΔKL, cosine) |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {'all methods pooled' if m == 'all' else label(m)} | {v['steps']} | {v['median_cos']:.3f} | "
-                  f"{v['pearson']:.2f} | {v['spearman']:.2f} |" for m, v in dyn.items()]
-        lines += [""]
-    if cka:
-        lines += ["### Fig. 7 analogue: representation similarity", "", image("CKA", "parity_fig7_cka.png"), "",
-                  f"Linear CKA between the base model's and the fine-tuned model's hidden activations (highest value at "
-                  f"parity accuracy >= {cka['target']:.1%}). Paper: CKNNA on the LLM, RL 0.94 vs SFT 0.56.", "",
-                  "| method | CKA |", "|---|---|"]
-        lines += [f"| {label(m)} | {num(v, 3)} |" for m, v in cka["methods"].items()]
-        lines += [""]
-    lines += ["### Theory (§5.2, App. A)", "", image("theory", "parity_theory_em.png"), "",
-              "Tabular softmax policies (one logit vector per input), exact expected gradients except GRPO; a run stops "
-              "once every input's expected reward exceeds 1 - 1e-4, or at its step budget "
-              f"({THEORY_MAX_STEPS['worked example']} / {THEORY_MAX_STEPS['ParityMNIST outputs']}). "
-              "PAPER.md §5 gives the worked example's numbers.", "",
-              "| bandit | update rule | learning rate | steps | final KL(π ‖ π0) | final π (worked example) |",
-              "|---|---|---|---|---|---|"]
-    for name, result in theory_result.items():
-        lines.append(f"| {name} | minimum over correct policies, -log π0(S) | - | - | {result['min_kl']:.3f} | - |")
-        for rule_name, run in result["runs"].items():
-            final = ("[" + ", ".join(f"{p:.4f}" for p in run["final"][0].tolist()) + "]") if name == "worked example" else "-"
-            lr = "-" if run["lr"] is None else f"{run['lr']:g}"
-            lines.append(f"| {name} | {rule_name} | {lr} | {run['steps'][-1]} | {run['curve'][-1]:.3f} | {final} |")
-    lines += ["", "Paper-given (PAPER.md §5): I-projection [0.8333, 0.1667, 0] at KL 0.511; Adam [0.8333, 0.1666, 0.0001] "
-              "at 0.510; SGD lr 0.5 [0.997, 0.003, 0.0001] at 0.676; SFT targets [1,0,0] 0.693, [0,1,0] 2.303, uniform on S 0.805.", ""]
+             "to the repository root, for README; do not edit -->", "", *report_header(results),
+             "### Claims", "", *table(["paper's claim", "our evidence", "reproduced?"],
+                                      [[c, e, verdict(ok)] for c, e, ok in claims(out)])]
+    sections = [("fig3", report_fig3), ("table1", report_table1), ("two_by_two", report_two_by_two),
+                ("distill", report_distill), ("dynamics", report_dynamics), ("cka", report_cka),
+                ("theory", report_theory)]
+    for key, section in sections:
+        if out[key]:
+            lines += section(out[key], image)
     with open(path, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {path}")
@@ -902,8 +929,7 @@ def make_all(results_path="runs/parity/results.jsonl", plots_dir="plots", n_boot
            "dynamics": dynamics(results, plots_dir),
            "cka": representations(results, plots_dir) if results.evals else None,
            "theory": theory(plots_dir)}
-    write_report(os.path.join(plots_dir, "parity_results.md"), results, out["fig3"], out["table1"],
-                 out["two_by_two"], out["distill"], out["dynamics"], out["cka"], out["theory"])
+    write_report(os.path.join(plots_dir, "parity_results.md"), results, out)
     return out
 
 
