@@ -96,6 +96,7 @@ def parse_args(argv=None):
     g.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own)")
     g.add_argument("--no-chat-template", action="store_true", help="score prior tasks without the chat template")
     g.add_argument("--allow-unsafe-code", action="store_true", help="consent to humaneval's code execution")
+    g.add_argument("--lm-eval-batch-size", default="64", help="lm-eval batch size; 'auto' finds the largest on a GPU")
     g = p.add_argument_group("what to do")
     g.add_argument("--build-twin", action="store_true", help="build and pretrain the twin at --model")
     g.add_argument("--twin-steps", type=int, default=3000, help="pretraining steps of the twin")
@@ -739,7 +740,9 @@ class PriorTasks:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         model.eval()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
+        batch_size = self.args.lm_eval_batch_size
+        batch_size = int(batch_size) if batch_size.isdigit() else batch_size
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         output = simple_evaluate(model=lm, tasks=self.args.prior_tasks, task_manager=self.manager,
                                  limit=self.args.prior_limit, num_fewshot=self.args.num_fewshot,
                                  apply_chat_template=not self.args.no_chat_template, log_samples=False,
@@ -968,7 +971,8 @@ def bench(accelerator, tokenizer, train, reward_fn, args, rounds=5):
     sft_tokens, started = 0, time.perf_counter()
     for i in range(rounds):
         batch = train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]]
-        sft_tokens += offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")["update_tokens"]
+        info = offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")
+        sft_tokens += info["update_tokens"]
     sft_s = time.perf_counter() - started
     print(f"bench {args.model} on {accelerator.device} ({torch.get_num_threads()} threads): rollout "
           f"{totals['generated_tokens'] / totals['rollout_s']:.0f} tokens/s (batch {args.prompts_per_step}x"
