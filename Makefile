@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 
-.PHONY: reproduce demo test bench data vulkan
+.PHONY: reproduce demo test bench llm-twin data vulkan
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -29,6 +29,15 @@ demo: $(VENV)/installed data
 
 bench: $(VENV)/installed data
 	$(PY) parity_mnist.py --bench
+	HF_HUB_OFFLINE=1 $(PY) llm_finetune.py --bench
+
+# The LLM CPU twin end to end (README, "LLM experiments"): build + pretrain, the two sweeps, the plots.
+llm-twin: $(VENV)/installed
+	export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
+	$(PY) llm_finetune.py --build-twin && \
+	$(PY) llm_finetune.py --method grpo sft reinforce simpo && \
+	$(PY) llm_finetune.py --method grpo reinforce sft --lr 1e-4 --epochs 3 --seed 0 1 && \
+	$(PY) llm_finetune.py --plot
 
 # ManiSkill's CPU renderer (vla_finetune.py) needs a Vulkan driver. On Debian 12 without a GPU, Mesa's
 # lavapipe from bookworm-backports (25.x) works and the stock 22.3 does not: as root, install it once.

@@ -14,7 +14,15 @@ from torch.distributions import Categorical, kl_divergence
 
 import kl
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_by_default():
+    """Reference values in float64; restored afterwards, since every test file shares one process."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def random_logit_pairs(seed=0, batch=(4, 3), classes=7):
