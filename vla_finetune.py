@@ -1,0 +1,840 @@
+"""RL vs SFT on a vision-language-action policy: the robotics experiment of "RL's Razor" (App. B.2).
+
+Shenfeld, Pari, Agrawal (2025), arXiv 2509.04259, fine-tune OpenVLA-7B on a new pick task with SFT on
+demonstrations and with on-policy REINFORCE on a binary success reward, and measure forgetting as
+success on earlier manipulation tasks. This script runs the same loop on two model paths:
+
+  --model openvla/openvla-7b   the real model (GPU + HuggingFace hub; pins in requirements-openvla.txt)
+  --model PATH                 a tiny stand-in VLA this script builds (`--method bc` creates one): a small
+                               Llama backbone, a small image encoder whose patch embeddings precede the
+                               prompt, OpenVLA's 32000-token id layout (the last 256 ids are actions) and
+                               OpenVLA's `predict_action`. It is registered with transformers' Auto classes,
+                               so both paths load through the same `load_policy` call.
+
+The simulator is ManiSkill3 (CPU physics, RGB camera, `pd_ee_delta_pose`: 7-D actions in [-1, 1], the
+same format as OpenVLA's end-effector deltas). The CPU experiment (an analogue, not a reproduction):
+
+  python vla_finetune.py --method bc                 # expert demos, then behaviour-clone the base pi0
+  python vla_finetune.py --method rl  --lr 3e-4      # fine-tune pi0 on the new task with GRPO/REINFORCE
+  python vla_finetune.py --method sft --lr 3e-4      # ... or with SFT on expert demonstrations
+  python vla_finetune.py --method plot               # plots/vla_pareto.png, plots/vla_forgetting_vs_kl.png
+
+Every evaluation point appends one JSON line to runs/vla/results.jsonl (new-task success, prior-task
+success per task, forward KL(pi0 || pi) on new-task observations); an interrupted run resumes from its
+last checkpoint without losing or duplicating a line. All losses and divergences come from kl.py.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import transformers
+from tqdm import tqdm
+
+import kl
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------
+
+NEW_TASK, PRIOR_TASKS = "PickCube-v1", ["PushCube-v1", "PullCube-v1"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["bc", "rl", "sft", "plot"], required=True,
+                   help="bc: collect expert demos and behaviour-clone the base pi0; rl / sft: fine-tune "
+                        "on the new task; plot: draw plots/vla_*.png from the results file")
+    p.add_argument("--model", default=None,
+                   help="policy to start from: a stand-in directory (default for rl/sft: OUT_DIR/base; "
+                        "for bc: a fresh stand-in) or a hub id such as openvla/openvla-7b")
+    p.add_argument("--env", default=NEW_TASK, help="new task (ManiSkill3 env id)")
+    p.add_argument("--prior-envs", nargs="*", default=PRIOR_TASKS, help="prior tasks: forgetting = their success")
+    p.add_argument("--out-dir", default="runs/vla", help="demos, checkpoints, results.jsonl")
+    p.add_argument("--plots-dir", default="plots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, nargs="+", default=[3e-4], help="one run per learning rate (sweep)")
+    p.add_argument("--lora", action="store_true", help="LoRA r=32 on all linear layers (OpenVLA's recipe)")
+    p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the model's only key)")
+    # simulator
+    p.add_argument("--image-size", type=int, default=64, help="camera resolution (OpenVLA: 224)")
+    p.add_argument("--horizon", type=int, default=20, help="steps per episode (experts need <= 15)")
+    # demonstrations and the base policy
+    p.add_argument("--prior-demos", type=int, default=40, help="expert episodes per prior task for pi0")
+    p.add_argument("--new-demos-in-base", type=int, default=3, help="new-task demos mixed into pi0's data")
+    p.add_argument("--bc-steps", type=int, default=1500)
+    p.add_argument("--bc-lr", type=float, default=1e-3)
+    # fine-tuning
+    p.add_argument("--train-states", type=int, default=32,
+                   help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
+    p.add_argument("--sft-epochs", type=int, default=3, help="epochs over one expert demo per training state")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=24, help="RL iterations (one update each)")
+    p.add_argument("--states-per-iter", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=4, help="rollouts per initial state (GRPO group)")
+    p.add_argument("--advantage", choices=["grpo", "reinforce"], default="grpo",
+                   help="grpo: group-normalised reward; reinforce: 1-0 REINFORCE (advantage = reward)")
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--eval-points", type=int, default=6, help="evaluations per run, evenly spaced")
+    p.add_argument("--eval-episodes", type=int, default=12, help="per task and evaluation point")
+    p.add_argument("--kl-episodes", type=int, default=4, help="base rollouts whose frames measure the KL")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.method in ("rl", "sft") and args.model is None:
+        args.model = str(Path(args.out_dir) / "base")
+    for name in ("horizon", "prior_demos", "bc_steps", "train_states", "sft_epochs", "batch_size", "iterations",
+                 "states_per_iter", "group_size", "eval_points", "eval_episodes", "kl_episodes", "image_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(lr <= 0 for lr in args.lr):
+        p.error("--lr must be positive")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. OpenVLA's action tokenisation (PAPER.md §7.2; constants of the public OpenVLA code)
+# --------------------------------------------------------------------------------------------------
+
+VOCAB_SIZE = 32000            # Llama-2 vocabulary; OpenVLA pads its embedding matrix, not this number
+N_BINS = 256
+ACTION_DIM = 7                # six end-effector deltas + gripper
+ACTION_TOKEN_BEGIN = VOCAB_SIZE - N_BINS   # 31744: action ids are 31744..31999
+SPIECE_UNDERLINE_ID = 29871   # "▁", appended after "Out:" at inference
+BINS = np.linspace(-1.0, 1.0, N_BINS)
+BIN_CENTERS = (BINS[:-1] + BINS[1:]) / 2.0   # 255 centres
+
+
+def prompt_for(instruction):
+    """OpenVLA's prompt; the instruction is lower-cased."""
+    return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+
+
+def actions_to_tokens(normalized_actions):
+    """token = 32000 - digitize(clip(a, -1, 1), bins): a = -1 -> 31999, 0 -> 31872, +1 -> 31744."""
+    a = np.clip(np.asarray(normalized_actions, np.float64), -1.0, 1.0)
+    return VOCAB_SIZE - np.digitize(a, BINS)
+
+
+def tokens_to_actions(token_ids):
+    """Bin centre of each action id: bin_centres[clip(32000 - id - 1, 0, 254)], e.g. 31744 -> 0.99608."""
+    index = np.clip(VOCAB_SIZE - np.asarray(token_ids) - 1, 0, N_BINS - 2)
+    return BIN_CENTERS[index]
+
+
+def action_stats(actions):
+    """OpenVLA-style statistics of a dataset's actions [N, 7]; the gripper (last dim) is not normalised."""
+    actions = np.asarray(actions, np.float64)
+    mask = [True] * (ACTION_DIM - 1) + [False]
+    return {"action": {"q01": np.quantile(actions, 0.01, axis=0).tolist(),
+                       "q99": np.quantile(actions, 0.99, axis=0).tolist(), "mask": mask}}
+
+
+def normalize_actions(actions, stats):
+    """a_n = clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1) on masked dims; others unchanged."""
+    q01, q99, mask = (np.asarray(stats["action"][k]) for k in ("q01", "q99", "mask"))
+    actions = np.asarray(actions, np.float64)
+    scaled = np.clip(2 * (actions - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
+    return np.where(mask, scaled, actions)
+
+
+def unnormalize_actions(normalized, stats):
+    """Inverse on masked dims: 0.5 (a_n + 1)(q99 - q01) + q01 (OpenVLA's predict_action)."""
+    q01, q99, mask = (np.asarray(stats["action"][k]) for k in ("q01", "q99", "mask"))
+    normalized = np.asarray(normalized, np.float64)
+    return np.where(mask, 0.5 * (normalized + 1) * (q99 - q01) + q01, normalized)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The tiny stand-in VLA: OpenVLA's interface at CPU size, registered with transformers' Auto classes
+# --------------------------------------------------------------------------------------------------
+
+# transformers 4.40 (OpenVLA's pin) calls the Auto class AutoModelForVision2Seq; 5.x renamed it.
+AutoVLA = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
+WORDS = ("in what action should the robot take to pick up push pull lift move place stack poke open close "
+         "the a cube sphere peg drawer can to onto into on target goal upright out").split()
+
+
+class TinyVLAConfig(transformers.PretrainedConfig):
+    model_type = "tiny_vla"
+
+    def __init__(self, image_size=64, hidden_size=128, num_layers=2, num_heads=4, norm_stats=None, **kwargs):
+        self.image_size, self.hidden_size = image_size, hidden_size
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.norm_stats = norm_stats or {}
+        super().__init__(**kwargs)
+
+    def llama_config(self):
+        return transformers.LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=self.hidden_size, intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2)
+
+
+class TinyVLAForActionPrediction(transformers.PreTrainedModel):
+    """Image patches are inserted right after <s>, as in OpenVLA; logits cover patches + text."""
+    config_class = TinyVLAConfig
+    base_model_prefix = "tiny_vla"
+    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        h = config.hidden_size
+        self.vision = nn.Sequential(  # 3 x S x S -> h x S/8 x S/8 patch embeddings
+            nn.Conv2d(3, 32, 4, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 4, 2, 1), nn.GELU(),
+            nn.Conv2d(64, h, 4, 2, 1))
+        self.patch_position = nn.Parameter(torch.zeros(1, (config.image_size // 8) ** 2, h))
+        self.projector = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
+        self.language_model = transformers.LlamaForCausalLM(config.llama_config())
+        self.norm_stats = config.norm_stats
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self):  # lets peft's "all-linear" skip the (tied) output layer
+        return self.language_model.get_output_embeddings()
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, logits_to_keep=0, **kwargs):
+        patches = self.vision(pixel_values).flatten(2).transpose(1, 2) + self.patch_position
+        patches = self.projector(patches)
+        text = self.get_input_embeddings()(input_ids)
+        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
+            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   logits_to_keep=logits_to_keep)
+
+    @torch.no_grad()
+    def predict_action(self, input_ids, unnorm_key=None, pixel_values=None, attention_mask=None, **kwargs):
+        """OpenVLA's semantics: append "▁" if missing, greedily decode 7 tokens over the full vocabulary,
+        map ids to bin centres, un-normalise with norm_stats[unnorm_key]. Batch size 1."""
+        if input_ids[0, -1] != SPIECE_UNDERLINE_ID:
+            input_ids = torch.cat([input_ids, input_ids.new_full((1, 1), SPIECE_UNDERLINE_ID)], dim=1)
+        for _ in range(ACTION_DIM):
+            next_id = self(input_ids, pixel_values).logits[:, -1].argmax(-1, keepdim=True)
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+        normalized = tokens_to_actions(input_ids[0, -ACTION_DIM:].cpu().numpy())
+        key = unnorm_key or next(iter(self.norm_stats))
+        return unnormalize_actions(normalized, self.norm_stats[key])
+
+
+class TinyVLAProcessor(transformers.ProcessorMixin):
+    """processor(text, images) -> input_ids (with <s>), attention_mask, pixel_values in [-1, 1]."""
+
+    def __init__(self, tokenizer=None, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+
+    def __call__(self, text, images, **kwargs):
+        text = [text] if isinstance(text, str) else list(text)
+        images = images if isinstance(images, (list, tuple)) else [images]
+        encoded = self.tokenizer(text, return_tensors="pt")
+        pixels = torch.stack([torch.as_tensor(np.asarray(im)).permute(2, 0, 1) for im in images])
+        pixel_values = pixels.float() / 127.5 - 1.0
+        return transformers.BatchFeature({**encoded, "pixel_values": pixel_values})
+
+
+transformers.AutoConfig.register("tiny_vla", TinyVLAConfig, exist_ok=True)
+AutoVLA.register(TinyVLAConfig, TinyVLAForActionPrediction, exist_ok=True)
+transformers.AutoProcessor.register(TinyVLAConfig, TinyVLAProcessor, exist_ok=True)
+
+
+def build_tokenizer():
+    """A word-level tokenizer with Llama's special ids (<unk> 0, <s> 1, </s> 2, "▁" 29871) and 32000 ids;
+    the last 256 are action tokens. Words outside the small task vocabulary map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    pieces = {piece for w in WORDS + ["In:", "\nOut:", "?"] for piece, _ in pre.pre_tokenize_str(w)}
+    pieces |= {piece for piece, _ in pre.pre_tokenize_str(prompt_for(" ".join(WORDS)))}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": SPIECE_UNDERLINE_ID}
+    for piece in sorted(pieces - set(vocab)):
+        vocab[piece] = len(vocab) - 1 if len(vocab) - 1 < SPIECE_UNDERLINE_ID else len(vocab)
+    used = set(vocab.values())
+    for i in range(VOCAB_SIZE):
+        if i not in used:
+            name = f"<action_{i - ACTION_TOKEN_BEGIN}>" if i >= ACTION_TOKEN_BEGIN else f"<unused_{i}>"
+            vocab[name] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
+def build_stand_in(path, image_size=64, norm_stats=None, seed=0):
+    """Create and save an untrained stand-in (model + processor) at `path`."""
+    torch.manual_seed(seed)
+    model = TinyVLAForActionPrediction(TinyVLAConfig(image_size=image_size, norm_stats=norm_stats))
+    model.save_pretrained(path)
+    TinyVLAProcessor(build_tokenizer()).save_pretrained(path)
+    return path
+
+
+def load_policy(name, lora=False):
+    """Both paths load the same way: the Auto classes (OpenVLA's remote code, or the registered stand-in)."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    processor = transformers.AutoProcessor.from_pretrained(name, trust_remote_code=True)
+    model = AutoVLA.from_pretrained(name, trust_remote_code=True, dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    if lora:  # OpenVLA's fine-tuning recipe: rank 32, alpha 16, every linear layer
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules="all-linear", init_lora_weights="gaussian"))
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Action-token distributions: sampling, log-probs, KL (restricted to the 256 action ids)
+# --------------------------------------------------------------------------------------------------
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def encode(processor, model, instruction, images):
+    """Batch of observations of one task (same prompt) -> model inputs ending with "▁"."""
+    inputs = processor([prompt_for(instruction)] * len(images), list(images))
+    ids = inputs["input_ids"]
+    if ids[0, -1] != SPIECE_UNDERLINE_ID:
+        ids = torch.cat([ids, ids.new_full((len(ids), 1), SPIECE_UNDERLINE_ID)], dim=1)
+    dtype = next(model.parameters()).dtype
+    return ids.to(device_of(model)), inputs["pixel_values"].to(device_of(model), dtype)
+
+
+def action_logits(model, input_ids, pixel_values, action_tokens):
+    """Teacher-forced logits of the 7 action positions, restricted to the 256 action ids: [B, 7, 256].
+
+    Restricting and renormalising makes the policy the 256-way distribution it samples from (§7.2)."""
+    ids = torch.cat([input_ids, action_tokens[:, :-1].to(input_ids.device)], dim=1)
+    logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, ACTION_DIM)).logits
+    return logits[:, -ACTION_DIM:, ACTION_TOKEN_BEGIN:VOCAB_SIZE].float()
+
+
+def _last(model, n):
+    """The stand-in computes only the last n positions' logits (memory); OpenVLA's code has no such option."""
+    return {"logits_to_keep": n} if model.config.model_type == "tiny_vla" else {}
+
+
+@torch.no_grad()
+def sample_action_tokens(model, input_ids, pixel_values, generator=None, greedy=False):
+    """Autoregressively draw 7 action ids from the restricted distribution (temperature 1)."""
+    ids = input_ids
+    for _ in range(ACTION_DIM):
+        logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, 1)).logits
+        logits = logits[:, -1, ACTION_TOKEN_BEGIN:VOCAB_SIZE]
+        if greedy:
+            choice = logits.argmax(-1)
+        else:
+            choice = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=generator)[:, 0]
+        ids = torch.cat([ids, (choice.to(ids.device) + ACTION_TOKEN_BEGIN)[:, None]], dim=1)
+    return ids[:, -ACTION_DIM:].cpu()
+
+
+def step_logprobs(model, input_ids, pixel_values, action_tokens):
+    """log pi(a|o) of a step = sum of the 7 action tokens' log-probs (kl.token_logprobs)."""
+    logits = action_logits(model, input_ids, pixel_values, action_tokens)
+    return kl.token_logprobs(logits, (action_tokens - ACTION_TOKEN_BEGIN).to(logits.device)).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Simulator, tasks and scripted experts (ManiSkill3, CPU physics, RGB camera)
+# --------------------------------------------------------------------------------------------------
+
+LIFT_HEIGHT = 0.06  # cube centre (rest height 0.02) lifted by 4 cm while grasped
+
+
+def _xyz(actor):
+    return actor.pose.p[0].cpu().numpy()
+
+
+def _toward(tcp, target):
+    """pd_ee_delta_pose maps [-1, 1] to +-0.1 m: move the whole error in one step, clipped."""
+    return np.clip((target - tcp) / 0.1, -1, 1)
+
+
+def lift_expert(env):
+    u = env.unwrapped
+    cube, tcp = _xyz(u.cube), u.agent.tcp_pose.p[0].cpu().numpy()
+    if bool(u.agent.is_grasping(u.cube)[0]):
+        target, grip = np.r_[cube[:2], 0.2], -1.0
+    elif np.linalg.norm(cube[:2] - tcp[:2]) > 0.01:
+        target, grip = np.r_[cube[:2], cube[2] + 0.08], 1.0
+    elif tcp[2] - cube[2] > 0.005:
+        target, grip = cube, 1.0
+    else:
+        target, grip = cube, -1.0
+    return np.r_[_toward(tcp, target), 0, 0, 0, grip]
+
+
+def push_expert(env, direction):
+    """Go over to the far side of the cube from the goal, descend, sweep along x (closed gripper)."""
+    u = env.unwrapped
+    cube, goal, tcp = _xyz(u.obj), _xyz(u.goal_region), u.agent.tcp_pose.p[0].cpu().numpy()
+    behind = np.r_[cube[0] - direction * 0.045, cube[1], 0.02]
+    if (tcp[0] - cube[0]) * direction > -0.035 or abs(tcp[1] - cube[1]) > 0.01:
+        far = np.linalg.norm(tcp[:2] - behind[:2]) > 0.01
+        target = np.r_[behind[:2], 0.08] if far else behind
+    elif tcp[2] > 0.03:
+        target = behind
+    else:
+        target = np.r_[goal[0] - direction * 0.045, goal[1], 0.02]
+    return np.r_[_toward(tcp, target), 0, 0, 0, -1.0]
+
+
+def lift_success(env, info):
+    u = env.unwrapped
+    return bool(u.agent.is_grasping(u.cube)[0]) and float(u.cube.pose.p[0, 2]) > LIFT_HEIGHT
+
+
+# PickCube's own success needs an invisible goal point; the paper's new task is grasp-and-lift (SimplerEnv
+# "pick coke can"), so the new task here is PickCube's scene with a lift success.
+TASKS = {
+    "PickCube-v1": dict(instruction="pick up the cube", expert=lift_expert, success=lift_success),
+    "PushCube-v1": dict(instruction="push the cube to the target", expert=lambda e: push_expert(e, 1.0)),
+    "PullCube-v1": dict(instruction="pull the cube to the target", expert=lambda e: push_expert(e, -1.0)),
+}
+
+
+def task_info(env_id):
+    """Registered tasks have an expert; any other ManiSkill env works for RL and evaluation."""
+    return TASKS.get(env_id, dict(instruction=env_id.split("-")[0].lower(), expert=None))
+
+
+def make_env(env_id, image_size, horizon):
+    import gymnasium as gym
+    import mani_skill.envs  # noqa: F401  (registers the environments)
+    from mani_skill.utils import assets, download_asset
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    def refuse(message):  # never prompt: missing assets are an error with a fix
+        sys.exit(f"error: {message.splitlines()[-1]} Download them first: "
+                 f"python -m mani_skill.utils.download_asset {env_id}")
+    download_asset.prompt_yes_no = refuse
+    if env_id not in REGISTERED_ENVS:
+        sys.exit(f"error: unknown ManiSkill env {env_id!r}; bundled ones include {', '.join(TASKS)}")
+    missing = [a for a in REGISTERED_ENVS[env_id].asset_download_ids
+               if a in assets.DATA_SOURCES and not assets.is_data_source_downloaded(a)]
+    if missing:
+        refuse(f"{env_id} needs assets {missing} that are not on this machine.")
+    try:
+        return gym.make(env_id, obs_mode="rgb", control_mode="pd_ee_delta_pose", render_mode=None,
+                        sensor_configs=dict(width=image_size, height=image_size), max_episode_steps=horizon)
+    except RuntimeError as error:
+        if "vulkan" in str(error).lower() or "render" in str(error).lower():
+            sys.exit("error: ManiSkill's renderer found no Vulkan device; install a driver (README: Vulkan)")
+        raise
+
+
+def camera_image(obs):
+    return obs["sensor_data"]["base_camera"]["rgb"][0].cpu().numpy()
+
+
+def to_env_action(action):
+    """Policy actions use OpenVLA's gripper convention (1 = open, 0 = close); the env wants +1 / -1."""
+    return np.r_[action[:6], 2.0 * action[6] - 1.0].astype(np.float32)
+
+
+def to_policy_action(env_action):
+    return np.r_[env_action[:6], (env_action[6] + 1.0) / 2.0]
+
+
+def run_episode(env, env_id, seed, horizon, act):
+    """One episode from initial state `seed`; act(image) -> (env action, record). Stops at success."""
+    success_fn = task_info(env_id).get("success") or (lambda e, info: bool(info["success"][0]))
+    obs, _ = env.reset(seed=seed)
+    records, success = [], False
+    for _ in range(horizon):
+        image = camera_image(obs)
+        action, record = act(image)
+        records.append((image, record))
+        obs, _, _, _, info = env.step(action)
+        if success_fn(env, info):
+            success = True
+            break
+    return records, success
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Policies acting in the simulator
+# --------------------------------------------------------------------------------------------------
+
+
+def expert_policy(env, env_id):
+    expert = task_info(env_id)["expert"]
+    if expert is None:
+        sys.exit(f"error: no scripted expert for {env_id}; demos exist for {', '.join(TASKS)}")
+    return lambda image: ((a := expert(env)), to_policy_action(a))
+
+
+def model_policy(model, processor, instruction, stats, greedy, generator=None):
+    """Greedy (evaluation) or sampled (RL) actions; records the 7 action tokens."""
+    def act(image):
+        ids, pixels = encode(processor, model, instruction, [image])
+        tokens = sample_action_tokens(model, ids, pixels, generator, greedy)
+        action = unnormalize_actions(tokens_to_actions(tokens[0].numpy()), stats)
+        return to_env_action(action), tokens[0]
+    return act
+
+
+def evaluate_success(model, processor, envs, stats, seeds, horizon, desc):
+    """Greedy success rate per task on fixed evaluation seeds."""
+    model.eval()
+    rates = {}
+    for env_id, env in envs.items():
+        act = model_policy(model, processor, task_info(env_id)["instruction"], stats, greedy=True)
+        wins = [run_episode(env, env_id, s, horizon, act)[1] for s in tqdm(seeds, desc=f"{desc} {env_id}",
+                                                                           leave=False)]
+        rates[env_id] = float(np.mean(wins))
+    return rates
+
+
+@torch.no_grad()
+def forward_kl_on_states(model, processor, kl_states, instruction, batch=64):
+    """E_o [KL(pi0(.|o) || pi(.|o))] over the 7 action tokens (chain rule, prefixes sampled from pi0),
+    exact over the 256 action ids, restricted and renormalised (kl.sequence_forward_kl)."""
+    model.eval()
+    sums, means = [], []
+    for i in range(0, len(kl_states["images"]), batch):
+        images = kl_states["images"][i:i + batch]
+        ids, pixels = encode(processor, model, instruction, list(images))
+        logits = action_logits(model, ids, pixels, kl_states["tokens"][i:i + batch])
+        base = kl_states["base_logits"][i:i + batch].to(logits.device)
+        out = kl.sequence_forward_kl(base, logits, torch.ones(logits.shape[:2]))
+        sums.append(out["sum"].cpu()), means.append(out["mean"].cpu())
+    return float(torch.cat(sums).mean()), float(torch.cat(means).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Updates: SFT (cross-entropy on expert action tokens) and RL (policy gradient on episode success)
+# --------------------------------------------------------------------------------------------------
+
+
+def sft_step(model, processor, optimizer, scheduler, instruction, images, tokens):
+    model.train()
+    ids, pixels = encode(processor, model, instruction, images)
+    logits = action_logits(model, ids, pixels, tokens)
+    loss = kl.sft_loss(logits, (tokens - ACTION_TOKEN_BEGIN).to(logits.device))
+    _apply(model, optimizer, scheduler, loss)
+    return float(loss.detach())
+
+
+def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages, minibatch=64):
+    """One policy-gradient update: each step's summed 7-token log-prob carries its episode's advantage;
+    kl.policy_gradient_loss averages an episode's steps, then the episodes (GRPO's aggregation).
+    The loss is linear in the log-probs, so minibatches of steps accumulate the exact full-batch gradient."""
+    model.train()
+    mask = torch.zeros(len(episodes), max(len(ep) for ep in episodes))
+    for e, ep in enumerate(episodes):
+        mask[e, :len(ep)] = 1
+    steps = [(e, t, image, tokens) for e, ep in enumerate(episodes) for t, (image, tokens) in enumerate(ep)]
+    optimizer.zero_grad()
+    for i in range(0, len(steps), minibatch):
+        chunk = steps[i:i + minibatch]
+        ids, pixels = encode(processor, model, instruction, [s[2] for s in chunk])
+        logprobs = step_logprobs(model, ids, pixels, torch.stack([s[3] for s in chunk])).cpu()
+        placed = torch.zeros_like(mask).index_put(
+            (torch.tensor([s[0] for s in chunk]), torch.tensor([s[1] for s in chunk])), logprobs)
+        kl.policy_gradient_loss(placed, advantages, mask).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
+    optimizer.step(), scheduler.step()
+
+
+def _apply(model, optimizer, scheduler, loss):
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
+    optimizer.step(), scheduler.step()
+
+
+def make_optimizer(model, lr, warmup):
+    """AdamW, weight decay 0, constant learning rate after a linear warm-up (App. B.2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    return optimizer, scheduler
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Demonstrations, the base policy pi0, and the fixed observations for the KL
+# --------------------------------------------------------------------------------------------------
+
+SEEDS = dict(eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000)  # + index; training: 0..N-1
+
+
+def collect_demos(env, env_id, seeds, horizon, path):
+    """Successful expert episodes (policy-format actions), saved once and reused."""
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    demos = []
+    for seed in tqdm(seeds, desc=f"expert demos {env_id}", leave=False):
+        records, success = run_episode(env, env_id, seed, horizon, expert_policy(env, env_id))
+        if success:
+            demos.append(dict(seed=seed, images=np.stack([r[0] for r in records]),
+                              actions=np.stack([r[1] for r in records])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(demos, path)
+    return demos
+
+
+def demo_batches(demos, stats):
+    """Flatten episodes into (images [N, S, S, 3], action tokens [N, 7])."""
+    images = np.concatenate([d["images"] for d in demos])
+    actions = np.concatenate([d["actions"] for d in demos])
+    return images, torch.as_tensor(actions_to_tokens(normalize_actions(actions, stats)))
+
+
+def behaviour_clone(args, out):
+    """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus a few new-task demos."""
+    envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+    data = {e: collect_demos(envs[e], e, [SEEDS["prior_demos"] + i for i in range(args.prior_demos)],
+                             args.horizon, out / "demos" / f"{e}_prior{args.prior_demos}.pt")
+            for e in args.prior_envs}
+    data[args.env] = collect_demos(envs[args.env], args.env,
+                                   [SEEDS["base_new_demos"] + i for i in range(args.new_demos_in_base)],
+                                   args.horizon, out / "demos" / f"{args.env}_base{args.new_demos_in_base}.pt")
+    actions = np.concatenate([d["actions"] for demos in data.values() for d in demos])
+    stats = {"maniskill": action_stats(actions)}
+    path = build_stand_in(out / "stand_in_init", args.image_size, stats, args.seed)
+    model, processor = load_policy(str(path))
+    batches = {e: demo_batches(d, stats["maniskill"]) for e, d in data.items() if d}
+    sizes = np.array([len(b[1]) for b in batches.values()], np.float64)
+    optimizer, scheduler = make_optimizer(model, args.bc_lr, warmup=50)
+    rng = np.random.default_rng(args.seed)
+    for step in (bar := tqdm(range(args.bc_steps), desc="behaviour cloning pi0")):
+        env_id = list(batches)[rng.choice(len(batches), p=sizes / sizes.sum())]  # one task per batch
+        images, tokens = batches[env_id]
+        pick = rng.choice(len(tokens), size=min(args.batch_size, len(tokens)), replace=False)
+        loss = sft_step(model, processor, optimizer, scheduler, task_info(env_id)["instruction"],
+                        list(images[pick]), tokens[pick])
+        bar.set_postfix(loss=f"{loss:.3f}")
+    model.save_pretrained(out / "base")
+    processor.save_pretrained(out / "base")
+    return model, processor, envs
+
+
+def kl_states_for(model, processor, env, args, stats, path):
+    """Observations from pi0's own (sampled) new-task episodes, one 7-token prefix per observation drawn
+    from pi0 (temperature 1, action ids only), and pi0's restricted logits there: computed once."""
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    act = model_policy(model, processor, task_info(args.env)["instruction"], stats, False, generator)
+    images = []
+    for i in range(args.kl_episodes):
+        records, _ = run_episode(env, args.env, SEEDS["kl"] + i, args.horizon, act)
+        images += [r[0] for r in records]
+    instruction = task_info(args.env)["instruction"]
+    tokens, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            ids, pixels = encode(processor, model, instruction, images[i:i + 64])
+            sampled = sample_action_tokens(model, ids, pixels, generator)
+            tokens.append(sampled), logits.append(action_logits(model, ids, pixels, sampled).cpu())
+    states = dict(images=np.stack(images), tokens=torch.cat(tokens), base_logits=torch.cat(logits))
+    torch.save(states, path)
+    return states
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Fine-tuning runs: one JSON line per evaluation point, resumable
+# --------------------------------------------------------------------------------------------------
+
+
+def read_results(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_result(path, record):
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate_point(model, processor, envs, args, stats, kl_states):
+    seeds = [SEEDS["eval"] + i for i in range(args.eval_episodes)]
+    rates = evaluate_success(model, processor, envs, stats, seeds, args.horizon, "eval")
+    kl_sum, kl_token = forward_kl_on_states(model, processor, kl_states, task_info(args.env)["instruction"])
+    prior = {e: rates[e] for e in args.prior_envs}
+    return dict(new_task=args.env, new_success=rates[args.env], prior_success=prior,
+                prior_mean=float(np.mean(list(prior.values()))) if prior else float("nan"),
+                forward_kl=kl_sum, forward_kl_per_token=kl_token, kl_over="256 action ids, renormalised",
+                kl_states=len(kl_states["tokens"]), eval_episodes=args.eval_episodes)
+
+
+def finetune(args, out, results_path, lr):
+    """Fine-tune pi0 on the new task with --method rl or sft at one learning rate."""
+    run = f"{args.method}_{args.advantage if args.method == 'rl' else 'demos'}_lr{lr:g}_seed{args.seed}"
+    done = {r["step"] for r in read_results(results_path) if r.get("run") == run}
+    total = args.iterations if args.method == "rl" else None
+    model, processor = load_policy(args.model, args.lora)
+    key = args.unnorm_key or next(iter(_unwrap(model).norm_stats))
+    stats = _unwrap(model).norm_stats[key]
+    envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+    instruction = task_info(args.env)["instruction"]
+    kl_states = kl_states_for(model, processor, envs[args.env], args, stats, out / f"kl_states_{args.env}.pt")
+    train_seeds = list(range(args.train_states))
+    if args.method == "sft":  # one successful expert demo per training initial state (paper: 10 per grid point)
+        demos = collect_demos(envs[args.env], args.env, train_seeds, args.horizon,
+                              out / "demos" / f"{args.env}_train{args.train_states}.pt")
+        images, tokens = demo_batches(demos, stats)
+        per_epoch = math.ceil(len(tokens) / args.batch_size)
+        total = args.sft_epochs * per_epoch
+    eval_at = sorted({round(k * total / (args.eval_points - 1)) for k in range(args.eval_points)})
+    if total in done:
+        print(f"{run}: already complete in {results_path}")
+        return
+    optimizer, scheduler = make_optimizer(model, lr, args.warmup_steps)
+    generator, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
+    step, episodes_seen, wall = 0, 0, 0.0
+    ckpt = out / "ckpt" / f"{run}.pt"
+    if ckpt.exists():  # resume: weights, optimizer, scheduler and both random streams
+        state = torch.load(ckpt, weights_only=False)
+        _unwrap(model).load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"]), scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        rng.bit_generator.state = state["rng"]
+        step, episodes_seen, wall = state["step"], state["episodes_seen"], state["wall"]
+        print(f"{run}: resuming at step {step}")
+    if args.method == "sft":
+        order = np.concatenate([rng.permutation(len(tokens)) for _ in range(args.sft_epochs)])
+    start = time.time() - wall
+    bar = tqdm(total=total, initial=step, desc=run)
+    while True:
+        if step in eval_at and step not in done:
+            record = evaluate_point(model, processor, envs, args, stats, kl_states)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(model={k: v for k, v in _unwrap(model).state_dict().items()},
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            generator=generator.get_state(), rng=rng.bit_generator.state, step=step,
+                            episodes_seen=episodes_seen, wall=time.time() - start), ckpt)
+            append_result(results_path, dict(run=run, method=args.method, lr=lr, seed=args.seed, step=step,
+                                             fraction=step / total, episodes_seen=episodes_seen,
+                                             wall_s=round(time.time() - start, 1), **record))
+            bar.write(f"{run} step {step}: new {record['new_success']:.2f} prior {record['prior_mean']:.2f} "
+                      f"KL {record['forward_kl']:.3f}")
+            done.add(step)
+        if step >= total:
+            break
+        if args.method == "sft":
+            pick = order[step * args.batch_size:(step + 1) * args.batch_size]
+            pick = pick if len(pick) else order[:args.batch_size]
+            sft_step(model, processor, optimizer, scheduler, instruction, list(images[pick]), tokens[pick])
+        else:
+            states = rng.choice(train_seeds, size=args.states_per_iter, replace=False)
+            act = model_policy(model, processor, instruction, stats, greedy=False, generator=generator)
+            model.eval()
+            episodes, rewards = [], []
+            for seed in states:  # a group shares its initial state (same env seed)
+                for _ in range(args.group_size):
+                    records, success = run_episode(envs[args.env], args.env, int(seed), args.horizon, act)
+                    episodes.append(records), rewards.append(float(success))
+            rewards = torch.tensor(rewards).view(args.states_per_iter, args.group_size)
+            advantages = (kl.group_advantages(rewards) if args.advantage == "grpo"
+                          else kl.reinforce_advantages(rewards)).flatten()
+            episodes_seen += len(episodes)
+            if advantages.abs().sum() > 0:  # all-equal groups carry no signal
+                rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages)
+            bar.set_postfix(reward=f"{rewards.mean():.2f}")
+        step += 1
+        bar.update(1)
+    bar.close()
+
+
+def _unwrap(model):
+    """The model under a peft wrapper (norm_stats, state dict)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Plots: trade-off (Pareto) and forgetting vs forward KL
+# --------------------------------------------------------------------------------------------------
+
+
+def plot(results_path, plots_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_results(results_path)
+    if not rows:
+        sys.exit(f"error: no results in {results_path}; run --method bc, rl and sft first")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    colors = {"rl": "tab:blue", "sft": "tab:red", "base": "black"}
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method in ("rl", "sft"):
+        pts = [r for r in rows if r["method"] in (method, "base")]
+        new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
+        ax.scatter(new, prior, color=colors[method], alpha=0.4, s=15)
+        front = kl.pareto_frontier(new, prior)
+        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=colors[method],
+                label=f"{method.upper()} frontier")
+    ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off")
+    ax.legend()
+    fig.tight_layout(), fig.savefig(plots_dir / "vla_pareto.png", dpi=120), plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    kls = np.array([r["forward_kl"] for r in rows])
+    for method in ("base", "rl", "sft"):
+        pts = [r for r in rows if r["method"] == method]
+        for ax, key in zip(axes, ("prior_mean", "new_success")):
+            ax.scatter([r["forward_kl"] for r in pts], [r[key] for r in pts], color=colors[method],
+                       label=method.upper() if method != "base" else "base", s=20)
+    prior = np.array([r["prior_mean"] for r in rows])
+    if len(rows) > 3:
+        coef, r2 = kl.fit_law(kls, prior)
+        grid = np.linspace(0, kls.max(), 100)
+        axes[0].plot(grid, np.polyval(coef, grid), "k--", label=f"quadratic fit, R²={r2:.2f}")
+    axes[0].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="prior-task success (mean)",
+                title="forgetting vs KL")
+    axes[1].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="new-task success", title="new task vs KL")
+    axes[0].legend()
+    fig.tight_layout(), fig.savefig(plots_dir / "vla_forgetting_vs_kl.png", dpi=120), plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    results_path = out / "results.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.method == "plot":
+        return plot(results_path, Path(args.plots_dir))
+    if args.method == "bc":
+        if (out / "base").exists():
+            model, processor = load_policy(str(out / "base"))
+            envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+        else:
+            model, processor, envs = behaviour_clone(args, out)
+        if not any(r["run"] == "base" for r in read_results(results_path)):
+            stats = model.norm_stats[next(iter(model.norm_stats))]
+            kl_states = kl_states_for(model, processor, envs[args.env], args, stats,
+                                      out / f"kl_states_{args.env}.pt")
+            record = evaluate_point(model, processor, envs, args, stats, kl_states)
+            append_result(results_path, dict(run="base", method="base", lr=0.0, seed=args.seed, step=0,
+                                             fraction=0.0, episodes_seen=0, **record))
+            print(f"base pi0: new {record['new_success']:.2f}, prior {record['prior_success']}")
+        return
+    if not Path(args.model).exists() and "/" not in args.model:
+        sys.exit(f"error: no policy at {args.model}; build the base first: python vla_finetune.py --method bc")
+    for lr in args.lr:
+        finetune(args, out, results_path, lr)
+
+
+if __name__ == "__main__":
+    main()
