@@ -188,7 +188,6 @@ def test_expert_and_stand_in_rollout_in_maniskill(stand_in):
     records, _ = vla.run_episode(env, "PickCube-v1", 0, 3, act)
     assert len(records) == 3 and records[0][0].shape == (32, 32, 3)
     assert all(r[1].shape == (7,) and r[1].min() >= 31744 for r in records)
-    env.close()
 
 
 @needs_vulkan
@@ -196,3 +195,34 @@ def test_missing_assets_fail_with_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         vla.make_env("OpenCabinetDrawer-v1", image_size=32, horizon=5)
     assert "download_asset" in str(exit_info.value)
+
+
+def test_missing_policy_fails_with_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        vla.load_policy(str(tmp_path / "no_such_policy"))
+    assert "cannot load a policy" in str(exit_info.value) and "--method bc" in str(exit_info.value)
+
+
+@needs_vulkan
+@pytest.mark.parametrize("method", ["rl", "sft"])
+def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, tmp_path, method):
+    horizon = "15" if method == "sft" else "3"  # the SFT expert needs ~13 steps to succeed; RL needs none
+    tiny = ["--method", method, "--model", stand_in, "--prior-envs", "PushCube-v1", "--image-size", "32",
+            "--horizon", horizon, "--train-states", "1", "--sft-epochs", "1", "--batch-size", "8",
+            "--iterations", "2", "--states-per-iter", "1", "--group-size", "2", "--eval-points", "2",
+            "--eval-episodes", "1", "--kl-episodes", "1"]
+    runs = {}
+    for name in ("a", "b"):
+        vla.main(tiny + ["--out-dir", str(tmp_path / name)])
+        runs[name] = vla.read_results(tmp_path / name / "results.jsonl")
+    drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert len(runs["a"]) == 2 and drop_wall(runs["a"]) == drop_wall(runs["b"])  # same seed, same numbers
+    if method == "sft":
+        assert runs["a"][-1]["forward_kl"] > 0  # the update moved the policy away from pi0
+    vla.main(tiny + ["--out-dir", str(tmp_path / "a")])  # complete: nothing is appended
+    assert vla.read_results(tmp_path / "a" / "results.jsonl") == runs["a"]
+    # interrupted after its last checkpoint but before writing the last line: the rerun writes it once
+    path = tmp_path / "b" / "results.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    vla.main(tiny + ["--out-dir", str(tmp_path / "b")])
+    assert drop_wall(vla.read_results(path)) == drop_wall(runs["a"])

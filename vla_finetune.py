@@ -2,29 +2,36 @@
 
 Shenfeld, Pari, Agrawal (2025), arXiv 2509.04259, fine-tune OpenVLA-7B on a new pick task with SFT on
 demonstrations and with on-policy REINFORCE on a binary success reward, and measure forgetting as
-success on earlier manipulation tasks. This script runs the same loop on two model paths:
+success on earlier manipulation tasks. This script runs the same loop on two model paths, loaded by the
+same `load_policy` (transformers' Auto classes):
 
-  --model openvla/openvla-7b   the real model (GPU + HuggingFace hub; pins in requirements-openvla.txt)
-  --model PATH                 a tiny stand-in VLA this script builds (`--method bc` creates one): a small
-                               Llama backbone, a small image encoder whose patch embeddings precede the
-                               prompt, OpenVLA's 32000-token id layout (the last 256 ids are actions) and
-                               OpenVLA's `predict_action`. It is registered with transformers' Auto classes,
-                               so both paths load through the same `load_policy` call.
+  --model openvla/openvla-7b   the real model: a GPU, the HuggingFace hub and OpenVLA's own pins in a
+                               separate environment (pip install -r requirements-openvla.txt: transformers
+                               4.40.1, timm 0.9.10, ...); bf16, optional --lora (r=32, all linear layers),
+                               --unnorm-key bridge_orig (or another key of its norm_stats), --image-size 224.
+  --model PATH                 a tiny stand-in VLA this script builds (`--method bc` creates one under
+                               OUT_DIR/base): a 2-layer Llama backbone, a small conv image encoder whose patch
+                               embeddings follow <s> and precede the prompt, OpenVLA's 32000-token id layout
+                               (the last 256 ids are the action bins), OpenVLA's prompt and `predict_action`.
+                               It is what the tests and the CPU experiment use (requirements.txt).
 
 The simulator is ManiSkill3 (CPU physics, RGB camera, `pd_ee_delta_pose`: 7-D actions in [-1, 1], the
-same format as OpenVLA's end-effector deltas). The CPU experiment (an analogue, not a reproduction):
+same format as OpenVLA's end-effector deltas); its renderer needs a Vulkan device (on a CPU-only Debian 12
+machine: mesa-vulkan-drivers 25.x from bookworm-backports, i.e. lavapipe). The CPU experiment, an
+analogue of the paper's and not a reproduction (new task PickCube, prior tasks PushCube and PullCube):
 
-  python vla_finetune.py --method bc                 # expert demos, then behaviour-clone the base pi0
-  python vla_finetune.py --method rl  --lr 3e-4      # fine-tune pi0 on the new task with GRPO/REINFORCE
-  python vla_finetune.py --method sft --lr 3e-4      # ... or with SFT on expert demonstrations
-  python vla_finetune.py --method plot               # plots/vla_pareto.png, plots/vla_forgetting_vs_kl.png
+  python vla_finetune.py --method bc                        # expert demos, behaviour-clone the base pi0
+  python vla_finetune.py --method rl  --lr 1e-4 3e-4        # fine-tune pi0 on the new task, GRPO (sweep)
+  python vla_finetune.py --method sft --lr 1e-4 3e-4        # ... or SFT on expert demonstrations
+  python vla_finetune.py --method plot                      # plots/vla_pareto.png, vla_forgetting_vs_kl.png
 
-Every evaluation point appends one JSON line to runs/vla/results.jsonl (new-task success, prior-task
-success per task, forward KL(pi0 || pi) on new-task observations); an interrupted run resumes from its
-last checkpoint without losing or duplicating a line. All losses and divergences come from kl.py.
+Every evaluation point appends one JSON line to OUT_DIR/results.jsonl (new-task success, prior-task
+success per task, forward KL(pi0 || pi) over the 7 action tokens on new-task observations); an
+interrupted run resumes from its last evaluation point without losing or duplicating a line. All losses
+and divergences come from kl.py.
 """
 import argparse
-import copy
+import functools
 import json
 import math
 import os
@@ -36,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import transformers
+from PIL import Image
+from transformers.modeling_outputs import CausalLMOutput
 from tqdm import tqdm
 
 import kl
@@ -82,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--advantage", choices=["grpo", "reinforce"], default="grpo",
                    help="grpo: group-normalised reward; reinforce: 1-0 REINFORCE (advantage = reward)")
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--eval-points", type=int, default=6, help="evaluations per run, evenly spaced")
-    p.add_argument("--eval-episodes", type=int, default=12, help="per task and evaluation point")
+    p.add_argument("--eval-points", type=int, default=5, help="evaluations per run, evenly spaced")
+    p.add_argument("--eval-episodes", type=int, default=16, help="per task and evaluation point")
     p.add_argument("--kl-episodes", type=int, default=4, help="base rollouts whose frames measure the KL")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -95,6 +104,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(lr <= 0 for lr in args.lr):
         p.error("--lr must be positive")
+    if args.states_per_iter > args.train_states:
+        p.error("--states-per-iter must be <= --train-states (initial states are drawn without replacement)")
     return args
 
 
@@ -210,8 +221,10 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
             attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                   logits_to_keep=logits_to_keep)
+        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        if logits_to_keep:  # only the last positions' logits: the action tokens are all a step needs
+            hidden = hidden[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.language_model.lm_head(hidden))
 
     @torch.no_grad()
     def predict_action(self, input_ids, unnorm_key=None, pixel_values=None, attention_mask=None, **kwargs):
@@ -229,6 +242,8 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
 
 class TinyVLAProcessor(transformers.ProcessorMixin):
     """processor(text, images) -> input_ids (with <s>), attention_mask, pixel_values in [-1, 1]."""
+    attributes = ["tokenizer"]                    # transformers 4.40 (OpenVLA's pin) needs both names spelt out
+    tokenizer_class = "PreTrainedTokenizerFast"
 
     def __init__(self, tokenizer=None, **kwargs):
         super().__init__(tokenizer, **kwargs)
@@ -237,7 +252,7 @@ class TinyVLAProcessor(transformers.ProcessorMixin):
         text = [text] if isinstance(text, str) else list(text)
         images = images if isinstance(images, (list, tuple)) else [images]
         encoded = self.tokenizer(text, return_tensors="pt")
-        pixels = torch.stack([torch.as_tensor(np.asarray(im)).permute(2, 0, 1) for im in images])
+        pixels = torch.stack([torch.as_tensor(np.array(im)).permute(2, 0, 1) for im in images])
         pixel_values = pixels.float() / 127.5 - 1.0
         return transformers.BatchFeature({**encoded, "pixel_values": pixel_values})
 
@@ -279,10 +294,19 @@ def build_stand_in(path, image_size=64, norm_stats=None, seed=0):
 
 
 def load_policy(name, lora=False):
-    """Both paths load the same way: the Auto classes (OpenVLA's remote code, or the registered stand-in)."""
+    """Both paths load the same way: the Auto classes (OpenVLA's remote code, or the registered stand-in).
+
+    bf16 on a GPU (OpenVLA's recipe), float32 on CPU. transformers 5 renamed `torch_dtype` to `dtype`;
+    OpenVLA's pinned 4.40.1 only knows the old name."""
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    processor = transformers.AutoProcessor.from_pretrained(name, trust_remote_code=True)
-    model = AutoVLA.from_pretrained(name, trust_remote_code=True, dtype=dtype)
+    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(name, trust_remote_code=True)
+        model = AutoVLA.from_pretrained(name, trust_remote_code=True, **{dtype_kwarg: dtype})
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot load a policy from {name!r} ({str(error).splitlines()[0]}); build the "
+                 f"stand-in base with `python vla_finetune.py --method bc`, or pass a hub id such as "
+                 f"openvla/openvla-7b (online, pip install -r requirements-openvla.txt)")
     if torch.cuda.is_available():
         model = model.to("cuda")
     if lora:  # OpenVLA's fine-tuning recipe: rank 32, alpha 16, every linear layer
@@ -303,7 +327,7 @@ def device_of(model):
 
 def encode(processor, model, instruction, images):
     """Batch of observations of one task (same prompt) -> model inputs ending with "▁"."""
-    inputs = processor([prompt_for(instruction)] * len(images), list(images))
+    inputs = processor([prompt_for(instruction)] * len(images), [Image.fromarray(im) for im in images])
     ids = inputs["input_ids"]
     if ids[0, -1] != SPIECE_UNDERLINE_ID:
         ids = torch.cat([ids, ids.new_full((len(ids), 1), SPIECE_UNDERLINE_ID)], dim=1)
@@ -410,6 +434,7 @@ def task_info(env_id):
     return TASKS.get(env_id, dict(instruction=env_id.split("-")[0].lower(), expert=None))
 
 
+@functools.cache  # one simulator per task and process: starting ManiSkill's renderer takes seconds
 def make_env(env_id, image_size, horizon):
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the environments)
@@ -581,6 +606,9 @@ def collect_demos(env, env_id, seeds, horizon, path):
         if success:
             demos.append(dict(seed=seed, images=np.stack([r[0] for r in records]),
                               actions=np.stack([r[1] for r in records])))
+    if not demos:
+        sys.exit(f"error: the {env_id} expert succeeded in none of {len(seeds)} episodes within "
+                 f"--horizon {horizon}; raise --horizon (the experts need about 15 steps)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(demos, path)
     return demos
@@ -690,6 +718,8 @@ def finetune(args, out, results_path, lr):
         images, tokens = demo_batches(demos, stats)
         per_epoch = math.ceil(len(tokens) / args.batch_size)
         total = args.sft_epochs * per_epoch
+        shuffle = np.random.default_rng(args.seed)  # a fresh order per epoch, fixed before any resume
+        orders = [shuffle.permutation(len(tokens)) for _ in range(args.sft_epochs)]
     eval_at = sorted({round(k * total / (args.eval_points - 1)) for k in range(args.eval_points)})
     if total in done:
         print(f"{run}: already complete in {results_path}")
@@ -706,8 +736,6 @@ def finetune(args, out, results_path, lr):
         rng.bit_generator.state = state["rng"]
         step, episodes_seen, wall = state["step"], state["episodes_seen"], state["wall"]
         print(f"{run}: resuming at step {step}")
-    if args.method == "sft":
-        order = np.concatenate([rng.permutation(len(tokens)) for _ in range(args.sft_epochs)])
     start = time.time() - wall
     bar = tqdm(total=total, initial=step, desc=run)
     while True:
@@ -727,8 +755,8 @@ def finetune(args, out, results_path, lr):
         if step >= total:
             break
         if args.method == "sft":
-            pick = order[step * args.batch_size:(step + 1) * args.batch_size]
-            pick = pick if len(pick) else order[:args.batch_size]
+            epoch, batch = divmod(step, per_epoch)
+            pick = orders[epoch][batch * args.batch_size:(batch + 1) * args.batch_size]
             sft_step(model, processor, optimizer, scheduler, instruction, list(images[pick]), tokens[pick])
         else:
             states = rng.choice(train_seeds, size=args.states_per_iter, replace=False)
@@ -830,8 +858,6 @@ def main(argv=None):
                                              fraction=0.0, episodes_seen=0, **record))
             print(f"base pi0: new {record['new_success']:.2f}, prior {record['prior_success']}")
         return
-    if not Path(args.model).exists() and "/" not in args.model:
-        sys.exit(f"error: no policy at {args.model}; build the base first: python vla_finetune.py --method bc")
     for lr in args.lr:
         finetune(args, out, results_path, lr)
 
