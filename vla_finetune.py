@@ -94,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-points", type=int, default=5, help="evaluations per run, evenly spaced")
     p.add_argument("--eval-episodes", type=int, default=16, help="per task and evaluation point")
     p.add_argument("--kl-episodes", type=int, default=4, help="base rollouts whose frames measure the KL")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the stand-in is small: 1 is fastest "
+                                                          "per core; run two jobs side by side rather than 2 threads)")
     args = p.parse_args(argv)
     if args.method in ("rl", "sft") and args.model is None:
         args.model = str(Path(args.out_dir) / "base")
@@ -102,6 +103,8 @@ def parse_args(argv=None):
                  "states_per_iter", "group_size", "eval_points", "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_points < 2:
+        p.error("--eval-points must be >= 2 (the start and the end of a run)")
     if any(lr <= 0 for lr in args.lr):
         p.error("--lr must be positive")
     if args.states_per_iter > args.train_states:
@@ -706,8 +709,11 @@ def finetune(args, out, results_path, lr):
     done = {r["step"] for r in read_results(results_path) if r.get("run") == run}
     total = args.iterations if args.method == "rl" else None
     model, processor = load_policy(args.model, args.lora)
-    key = args.unnorm_key or next(iter(_unwrap(model).norm_stats))
-    stats = _unwrap(model).norm_stats[key]
+    norm_stats = _unwrap(model).norm_stats
+    key = args.unnorm_key or next(iter(norm_stats))
+    if key not in norm_stats:
+        sys.exit(f"error: --unnorm-key {key!r} is not in the model's norm_stats ({', '.join(norm_stats)})")
+    stats = norm_stats[key]
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
     instruction = task_info(args.env)["instruction"]
     kl_states = kl_states_for(model, processor, envs[args.env], args, stats, out / f"kl_states_{args.env}.pt")
