@@ -812,17 +812,22 @@ def plot(results_path, plots_dir):
         front = kl.pareto_frontier(new, prior)
         ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=colors[method],
                 label=f"{method.upper()} frontier")
-    ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off")
+    base = [r for r in rows if r["method"] == "base"]
+    ax.scatter([r["new_success"] for r in base], [r["prior_mean"] for r in base], color="black", marker="*", s=120,
+               zorder=3, label="base π0")
+    ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off",
+           xlim=(-0.03, 1.03))
     ax.legend()
     fig.tight_layout(), fig.savefig(plots_dir / "vla_pareto.png", dpi=120), plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     kls = np.array([r["forward_kl"] for r in rows])
-    for method in ("base", "rl", "sft"):
+    for method in ("rl", "sft", "base"):  # the base last, on top of the runs' identical step-0 points
         pts = [r for r in rows if r["method"] == method]
+        style = dict(marker="*", s=120, zorder=3) if method == "base" else dict(s=20, alpha=0.7)
         for ax, key in zip(axes, ("prior_mean", "new_success")):
             ax.scatter([r["forward_kl"] for r in pts], [r[key] for r in pts], color=colors[method],
-                       label=method.upper() if method != "base" else "base", s=20)
+                       label=method.upper() if method != "base" else "base π0", **style)
     prior = np.array([r["prior_mean"] for r in rows])
     if len(rows) > 3:
         coef, r2 = kl.fit_law(kls, prior)
