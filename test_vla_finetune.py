@@ -221,6 +221,9 @@ def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, t
         assert runs["a"][-1]["forward_kl"] > 0  # the update moved the policy away from pi0
     vla.main(tiny + ["--out-dir", str(tmp_path / "a")])  # complete: nothing is appended
     assert vla.read_results(tmp_path / "a" / "results.jsonl") == runs["a"]
+    with pytest.raises(SystemExit, match="other --iterations"):  # another schedule under the same run name
+        longer = ["--iterations", "3"] if method == "rl" else ["--sft-epochs", "2"]
+        vla.main(tiny + ["--out-dir", str(tmp_path / "a")] + longer)
     # interrupted after its last checkpoint but before writing the last line: the rerun writes it once
     path = tmp_path / "b" / "results.jsonl"
     path.write_text(path.read_text().splitlines()[0] + "\n")

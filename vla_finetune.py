@@ -727,6 +727,9 @@ def finetune(args, out, results_path, lr):
         shuffle = np.random.default_rng(args.seed)  # a fresh order per epoch, fixed before any resume
         orders = [shuffle.permutation(len(tokens)) for _ in range(args.sft_epochs)]
     eval_at = sorted({round(k * total / (args.eval_points - 1)) for k in range(args.eval_points)})
+    if done - set(eval_at):
+        sys.exit(f"error: {run} in {results_path} was run with other --iterations / --sft-epochs / "
+                 f"--batch-size / --eval-points; pass those again, or use another --out-dir")
     if total in done:
         print(f"{run}: already complete in {results_path}")
         return
