@@ -43,6 +43,15 @@ def test_normalisation_round_trip_and_gripper_untouched():
     np.testing.assert_allclose(restored[inside], actions[inside], atol=1e-6)
 
 
+def test_random_shift_moves_each_image_by_at_most_pad_and_keeps_its_content():
+    images = np.zeros((200, 16, 16, 3), np.uint8)
+    images[:, 8, 8] = 255  # one bright pixel in the middle of every image
+    shifted = vla.random_shift(images, 3, np.random.default_rng(0))
+    assert shifted.shape == images.shape and np.array_equal(vla.random_shift(images, 0, None), images)
+    ys, xs = np.nonzero(shifted[..., 0] == 255)[1:]
+    assert len(ys) == 200 and set(ys - 8) == set(range(-3, 4)) and set(xs - 8) == set(range(-3, 4))
+
+
 # ---------------------------------------------------------------- the stand-in through the Auto classes
 
 @pytest.fixture(scope="module")

@@ -76,10 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=64, help="camera resolution (OpenVLA: 224)")
     p.add_argument("--horizon", type=int, default=20, help="steps per episode (experts need <= 15)")
     # demonstrations and the base policy
-    p.add_argument("--prior-demos", type=int, default=40, help="expert episodes per prior task for pi0")
+    p.add_argument("--prior-demos", type=int, default=100, help="expert episodes per prior task for pi0")
     p.add_argument("--new-demos-in-base", type=int, default=10, help="new-task demos mixed into pi0's data")
-    p.add_argument("--bc-steps", type=int, default=1500)
+    p.add_argument("--bc-steps", type=int, default=3000)
     p.add_argument("--bc-lr", type=float, default=1e-3)
+    p.add_argument("--bc-shift", type=int, default=4,
+                   help="random-shift augmentation in pixels for behaviour cloning (DrQ; 0: none)")
     # fine-tuning
     p.add_argument("--train-states", type=int, default=32,
                    help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
@@ -99,6 +101,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method in ("rl", "sft") and args.model is None:
         args.model = str(Path(args.out_dir) / "base")
+    if args.bc_shift < 0:
+        p.error("--bc-shift must be >= 0")
     for name in ("horizon", "prior_demos", "bc_steps", "train_states", "sft_epochs", "batch_size", "iterations",
                  "states_per_iter", "group_size", "eval_points", "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
@@ -216,7 +220,8 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
     def get_output_embeddings(self):  # lets peft's "all-linear" skip the (tied) output layer
         return self.language_model.get_output_embeddings()
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids, pixel_values, attention_mask=None, logits_to_keep=0, action_ids_only=False,
+                **kwargs):
         patches = self.vision(pixel_values).flatten(2).transpose(1, 2) + self.patch_position
         patches = self.projector(patches)
         text = self.get_input_embeddings()(input_ids)
@@ -227,6 +232,8 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
         hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         if logits_to_keep:  # only the last positions' logits: the action tokens are all a step needs
             hidden = hidden[:, -logits_to_keep:]
+        if action_ids_only:  # only the 256 action ids' logits: 1/125 of the output layer's work
+            return CausalLMOutput(logits=hidden @ self.language_model.lm_head.weight[ACTION_TOKEN_BEGIN:].T)
         return CausalLMOutput(logits=self.language_model.lm_head(hidden))
 
     @torch.no_grad()
@@ -344,12 +351,18 @@ def action_logits(model, input_ids, pixel_values, action_tokens):
     Restricting and renormalising makes the policy the 256-way distribution it samples from (§7.2)."""
     ids = torch.cat([input_ids, action_tokens[:, :-1].to(input_ids.device)], dim=1)
     logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, ACTION_DIM)).logits
-    return logits[:, -ACTION_DIM:, ACTION_TOKEN_BEGIN:VOCAB_SIZE].float()
+    return _action_ids(logits[:, -ACTION_DIM:]).float()
 
 
 def _last(model, n):
-    """The stand-in computes only the last n positions' logits (memory); OpenVLA's code has no such option."""
-    return {"logits_to_keep": n} if model.config.model_type == "tiny_vla" else {}
+    """The stand-in computes only the last n positions' logits, and only over the action ids (memory, time);
+    OpenVLA's code has no such options."""
+    return {"logits_to_keep": n, "action_ids_only": True} if model.config.model_type == "tiny_vla" else {}
+
+
+def _action_ids(logits):
+    """The 256 action ids' logits, whether the model returned the full vocabulary or only those."""
+    return logits if logits.shape[-1] == N_BINS else logits[..., ACTION_TOKEN_BEGIN:VOCAB_SIZE]
 
 
 @torch.no_grad()
@@ -358,7 +371,7 @@ def sample_action_tokens(model, input_ids, pixel_values, generator=None, greedy=
     ids = input_ids
     for _ in range(ACTION_DIM):
         logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, 1)).logits
-        logits = logits[:, -1, ACTION_TOKEN_BEGIN:VOCAB_SIZE]
+        logits = _action_ids(logits[:, -1])
         if greedy:
             choice = logits.argmax(-1)
         else:
@@ -392,8 +405,8 @@ def _toward(tcp, target):
 def lift_expert(env):
     u = env.unwrapped
     cube, tcp = _xyz(u.cube), u.agent.tcp_pose.p[0].cpu().numpy()
-    if bool(u.agent.is_grasping(u.cube)[0]):
-        target, grip = np.r_[cube[:2], 0.2], -1.0
+    if bool(u.agent.is_grasping(u.cube)[0]):  # lift 3 cm a step: a policy that closes and lifts in one step
+        target, grip = np.r_[cube[:2], cube[2] + 0.03], -1.0  # (an easy confusion) still holds the cube
     elif np.linalg.norm(cube[:2] - tcp[:2]) > 0.02:  # the open fingers tolerate ~2 cm; the descent corrects xy
         target, grip = np.r_[cube[:2], cube[2] + 0.08], 1.0
     elif tcp[2] - cube[2] > 0.005:
@@ -437,11 +450,17 @@ def task_info(env_id):
     return TASKS.get(env_id, dict(instruction=env_id.split("-")[0].lower(), expert=None))
 
 
+# One fixed third-person camera for every task, as OpenVLA sees its datasets' single main view. ManiSkill's
+# defaults differ per task (PullCube looks from behind the robot) and show the 4 cm cube as ~2 pixels at 64 px;
+# this one looks down at the workspace from the front, so the cube is ~5 pixels wide.
+CAMERA = dict(eye=[0.35, 0.0, 0.4], target=[-0.05, 0.0, 0.0], fov=1.1)
+
+
 @functools.cache  # one simulator per task and process: starting ManiSkill's renderer takes seconds
 def make_env(env_id, image_size, horizon):
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the environments)
-    from mani_skill.utils import assets, download_asset
+    from mani_skill.utils import assets, download_asset, sapien_utils
     from mani_skill.utils.registration import REGISTERED_ENVS
 
     def refuse(message):  # never prompt: missing assets are an error with a fix
@@ -456,7 +475,9 @@ def make_env(env_id, image_size, horizon):
         refuse(f"{env_id} needs assets {missing} that are not on this machine.")
     try:
         return gym.make(env_id, obs_mode="rgb", control_mode="pd_ee_delta_pose", render_mode=None,
-                        sensor_configs=dict(width=image_size, height=image_size), max_episode_steps=horizon)
+                        sensor_configs=dict(width=image_size, height=image_size, base_camera=dict(
+                            pose=sapien_utils.look_at(CAMERA["eye"], CAMERA["target"]), fov=CAMERA["fov"])),
+                        max_episode_steps=horizon)
     except RuntimeError as error:
         if "vulkan" in str(error).lower() or "render" in str(error).lower():
             sys.exit("error: ManiSkill's renderer found no Vulkan device; install a driver (README: Vulkan)")
@@ -624,6 +645,18 @@ def demo_batches(demos, stats):
     return images, torch.as_tensor(actions_to_tokens(normalize_actions(actions, stats)))
 
 
+def random_shift(images, pad, rng):
+    """DrQ's augmentation (Kostrikov et al., 2020): pad each image by `pad` edge pixels and crop it back at a
+    random offset. It keeps where the gripper is relative to the cube and blurs where both are in the frame,
+    which a behaviour-cloned policy with few demos otherwise memorises."""
+    if pad == 0:
+        return images
+    size = images.shape[1]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
+    return np.stack([p[dy:dy + size, dx:dx + size] for p, (dy, dx) in zip(padded, offsets)])
+
+
 def behaviour_clone(args, out):
     """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus a few new-task demos."""
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
@@ -646,7 +679,7 @@ def behaviour_clone(args, out):
         images, tokens = batches[env_id]
         pick = rng.choice(len(tokens), size=min(args.batch_size, len(tokens)), replace=False)
         loss = sft_step(model, processor, optimizer, scheduler, task_info(env_id)["instruction"],
-                        list(images[pick]), tokens[pick])
+                        list(random_shift(images[pick], args.bc_shift, rng)), tokens[pick])
         bar.set_postfix(loss=f"{loss:.3f}")
     model.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
