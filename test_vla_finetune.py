@@ -52,6 +52,20 @@ def test_random_shift_moves_each_image_by_at_most_pad_and_keeps_its_content():
     assert len(ys) == 200 and set(ys - 8) == set(range(-3, 4)) and set(xs - 8) == set(range(-3, 4))
 
 
+def test_dart_noise_perturbs_the_executed_move_and_records_the_expert_action(monkeypatch):
+    clean = np.array([0.95, -0.2, 0.1, 0.0, 0.0, 0.0, -1.0])
+    monkeypatch.setitem(vla.TASKS, "Fake-v0", dict(instruction="x", expert=lambda env: clean.copy()))
+    act = vla.expert_policy(None, "Fake-v0", 0.1, np.random.default_rng(0))
+    steps = [act(None) for _ in range(2000)]
+    executed = np.stack([e for e, _ in steps])
+    assert all(np.array_equal(r, vla.to_policy_action(clean)) for _, r in steps)
+    assert np.array_equal(executed[:, 3:], np.tile(clean[3:], (2000, 1))) and np.all(np.abs(executed) <= 1)
+    np.testing.assert_allclose(executed[:, 1:3].std(0), 0.1, rtol=0.1)
+    np.testing.assert_allclose(executed[:, 1:3].mean(0), clean[1:3], atol=0.01)
+    assert executed[:, 0].max() == 1.0  # clipped at the action bound
+    assert np.array_equal(vla.expert_policy(None, "Fake-v0")(None)[0], clean)
+
+
 # ---------------------------------------------------------------- the stand-in through the Auto classes
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -80,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--new-demos-in-base", type=int, default=10, help="new-task demos mixed into pi0's data")
     p.add_argument("--bc-steps", type=int, default=3000)
     p.add_argument("--bc-lr", type=float, default=1e-3)
-    p.add_argument("--bc-shift", type=int, default=4,
+    p.add_argument("--demo-noise", type=float, default=0.0,
+                   help="std of noise on the expert's executed xyz moves in pi0's demos, recorded clean (DART)")
+    p.add_argument("--bc-shift", type=int, default=0,
                    help="random-shift augmentation in pixels for behaviour cloning (DrQ; 0: none)")
     # fine-tuning
     p.add_argument("--train-states", type=int, default=32,
@@ -101,8 +102,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method in ("rl", "sft") and args.model is None:
         args.model = str(Path(args.out_dir) / "base")
-    if args.bc_shift < 0:
-        p.error("--bc-shift must be >= 0")
+    if args.bc_shift < 0 or args.demo_noise < 0:
+        p.error("--bc-shift and --demo-noise must be >= 0")
     for name in ("horizon", "prior_demos", "bc_steps", "train_states", "sft_epochs", "batch_size", "iterations",
                  "states_per_iter", "group_size", "eval_points", "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
@@ -196,6 +197,16 @@ class TinyVLAConfig(transformers.PretrainedConfig):
             bos_token_id=1, eos_token_id=2)
 
 
+def with_coordinates(images):
+    """CoordConv (Liu et al., 2018): append each pixel's (row, column) in [-1, 1] as two channels, so that
+    convolutions can report *where* a small object is. Without them the cloned stand-in ignored the 5-pixel
+    cube and acted the same at every cube position."""
+    b, _, height, width = images.shape
+    rows = torch.linspace(-1, 1, height, dtype=images.dtype, device=images.device).view(1, 1, height, 1)
+    cols = torch.linspace(-1, 1, width, dtype=images.dtype, device=images.device).view(1, 1, 1, width)
+    return torch.cat([images, rows.expand(b, 1, height, width), cols.expand(b, 1, height, width)], dim=1)
+
+
 class TinyVLAForActionPrediction(transformers.PreTrainedModel):
     """Image patches are inserted right after <s>, as in OpenVLA; logits cover patches + text."""
     config_class = TinyVLAConfig
@@ -205,8 +216,8 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         h = config.hidden_size
-        self.vision = nn.Sequential(  # 3 x S x S -> h x S/8 x S/8 patch embeddings
-            nn.Conv2d(3, 32, 4, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 4, 2, 1), nn.GELU(),
+        self.vision = nn.Sequential(  # (RGB + 2 coordinates) x S x S -> h x S/8 x S/8 patch embeddings
+            nn.Conv2d(5, 32, 4, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 4, 2, 1), nn.GELU(),
             nn.Conv2d(64, h, 4, 2, 1))
         self.patch_position = nn.Parameter(torch.zeros(1, (config.image_size // 8) ** 2, h))
         self.projector = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, h))
@@ -222,7 +233,7 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
 
     def forward(self, input_ids, pixel_values, attention_mask=None, logits_to_keep=0, action_ids_only=False,
                 **kwargs):
-        patches = self.vision(pixel_values).flatten(2).transpose(1, 2) + self.patch_position
+        patches = self.vision(with_coordinates(pixel_values)).flatten(2).transpose(1, 2) + self.patch_position
         patches = self.projector(patches)
         text = self.get_input_embeddings()(input_ids)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
@@ -518,11 +529,21 @@ def run_episode(env, env_id, seed, horizon, act):
 # --------------------------------------------------------------------------------------------------
 
 
-def expert_policy(env, env_id):
+def expert_policy(env, env_id, noise=0.0, rng=None):
+    """The scripted expert. With noise > 0 the executed xyz move is perturbed while the recorded action stays
+    the expert's (DART, Laskey et al. 2017): the demos then show how to recover from small errors, which a
+    cloned policy makes and clean demos never visit."""
     expert = task_info(env_id)["expert"]
     if expert is None:
         sys.exit(f"error: no scripted expert for {env_id}; demos exist for {', '.join(TASKS)}")
-    return lambda image: ((a := expert(env)), to_policy_action(a))
+
+    def act(image):
+        action = expert(env)
+        executed = action.copy()
+        if noise > 0:
+            executed[:3] = np.clip(action[:3] + rng.normal(0.0, noise, 3), -1, 1)
+        return executed, to_policy_action(action)
+    return act
 
 
 def model_policy(model, processor, instruction, stats, greedy, generator=None):
@@ -620,13 +641,14 @@ def make_optimizer(model, lr, warmup):
 SEEDS = dict(eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000)  # + index; training: 0..N-1
 
 
-def collect_demos(env, env_id, seeds, horizon, path):
+def collect_demos(env, env_id, seeds, horizon, path, noise=0.0):
     """Successful expert episodes (policy-format actions), saved once and reused."""
     if path.exists():
         return torch.load(path, weights_only=False)
     demos = []
     for seed in tqdm(seeds, desc=f"expert demos {env_id}", leave=False):
-        records, success = run_episode(env, env_id, seed, horizon, expert_policy(env, env_id))
+        act = expert_policy(env, env_id, noise, np.random.default_rng(seed))
+        records, success = run_episode(env, env_id, seed, horizon, act)
         if success:
             demos.append(dict(seed=seed, images=np.stack([r[0] for r in records]),
                               actions=np.stack([r[1] for r in records])))
@@ -660,12 +682,13 @@ def random_shift(images, pad, rng):
 def behaviour_clone(args, out):
     """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus a few new-task demos."""
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
-    data = {e: collect_demos(envs[e], e, [SEEDS["prior_demos"] + i for i in range(args.prior_demos)],
-                             args.horizon, out / "demos" / f"{e}_prior{args.prior_demos}.pt")
-            for e in args.prior_envs}
-    data[args.env] = collect_demos(envs[args.env], args.env,
-                                   [SEEDS["base_new_demos"] + i for i in range(args.new_demos_in_base)],
-                                   args.horizon, out / "demos" / f"{args.env}_base{args.new_demos_in_base}.pt")
+    noisy = f"_noise{args.demo_noise:g}" if args.demo_noise else ""
+    demo_sets = {e: ([SEEDS["prior_demos"] + i for i in range(args.prior_demos)], f"prior{args.prior_demos}")
+                 for e in args.prior_envs}
+    demo_sets[args.env] = ([SEEDS["base_new_demos"] + i for i in range(args.new_demos_in_base)],
+                           f"base{args.new_demos_in_base}")
+    data = {e: collect_demos(envs[e], e, seeds, args.horizon, out / "demos" / f"{e}_{name}{noisy}.pt", args.demo_noise)
+            for e, (seeds, name) in demo_sets.items()}
     actions = np.concatenate([d["actions"] for demos in data.values() for d in demos])
     stats = {"maniskill": action_stats(actions)}
     path = build_stand_in(out / "stand_in_init", args.image_size, stats, args.seed)
