@@ -75,9 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=64, help="camera resolution (OpenVLA: 224)")
     p.add_argument("--horizon", type=int, default=20, help="steps per episode (experts need <= 15)")
     # demonstrations and the base policy
-    p.add_argument("--prior-demos", type=int, default=100, help="expert episodes per prior task for pi0")
-    p.add_argument("--new-demos-in-base", type=int, default=10, help="new-task demos mixed into pi0's data")
-    p.add_argument("--bc-steps", type=int, default=3000)
+    p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
+    p.add_argument("--new-demos-in-base", type=int, default=150, help="new-task demos mixed into pi0's data")
+    p.add_argument("--bc-steps", type=int, default=6000)
     p.add_argument("--bc-lr", type=float, default=1e-3)
     p.add_argument("--demo-noise", type=float, default=0.0,
                    help="std of noise on the expert's executed xyz moves in pi0's demos, recorded clean (DART)")
@@ -88,7 +88,7 @@ def parse_args(argv=None):
                    help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
     p.add_argument("--sft-epochs", type=int, default=3, help="epochs over one expert demo per training state")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=24, help="RL iterations (one update each)")
+    p.add_argument("--iterations", type=int, default=48, help="RL iterations (one update each)")
     p.add_argument("--states-per-iter", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4, help="rollouts per initial state (GRPO group)")
     p.add_argument("--advantage", choices=["grpo", "reinforce"], default="grpo",
