@@ -63,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=float, default=0.2, help="evaluation interval in epochs")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/ and FashionMNIST/")
     p.add_argument("--out", default="", help="results file (JSON Lines); default under runs/parity/")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a shared 2-core machine a second thread mostly waits)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch CPU threads (default: torch's, one per physical core; on a machine busy with "
+                        "other jobs 1 can be faster, a second thread then mostly waits)")
     p.add_argument("--max-batch", type=int, default=10,
                    help="sweeps: at most this many configurations trained at once as one batched model")
     mode = p.add_mutually_exclusive_group()
