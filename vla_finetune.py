@@ -21,8 +21,8 @@ machine: mesa-vulkan-drivers 25.x from bookworm-backports, i.e. lavapipe). The C
 analogue of the paper's and not a reproduction (new task PickCube, prior tasks PushCube and PullCube):
 
   python vla_finetune.py --method bc                        # expert demos, behaviour-clone the base pi0
-  python vla_finetune.py --method rl  --lr 1e-4 3e-4        # fine-tune pi0 on the new task, GRPO (sweep)
-  python vla_finetune.py --method sft --lr 1e-4 3e-4        # ... or SFT on expert demonstrations
+  python vla_finetune.py --method rl  --lr 3e-4 1e-3        # fine-tune pi0 on the new task, GRPO (sweep)
+  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3   # ... or SFT on expert demonstrations
   python vla_finetune.py --method plot                      # plots/vla_pareto.png, vla_forgetting_vs_kl.png
 
 Every evaluation point appends one JSON line to OUT_DIR/results.jsonl (new-task success, prior-task
