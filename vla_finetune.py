@@ -680,7 +680,7 @@ def random_shift(images, pad, rng):
 
 
 def behaviour_clone(args, out):
-    """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus a few new-task demos."""
+    """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus some new-task demos."""
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
     noisy = f"_noise{args.demo_noise:g}" if args.demo_noise else ""
     demo_sets = {e: ([SEEDS["prior_demos"] + i for i in range(args.prior_demos)], f"prior{args.prior_demos}")
