@@ -95,7 +95,7 @@ def parse_args(argv=None):
                    help="grpo: group-normalised reward; reinforce: 1-0 REINFORCE (advantage = reward)")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--eval-points", type=int, default=5, help="evaluations per run, evenly spaced")
-    p.add_argument("--eval-episodes", type=int, default=16, help="per task and evaluation point")
+    p.add_argument("--eval-episodes", type=int, default=32, help="per task and evaluation point (paper: 100)")
     p.add_argument("--kl-episodes", type=int, default=4, help="base rollouts whose frames measure the KL")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the stand-in is small: 1 is fastest "
                                                           "per core; run two jobs side by side rather than 2 threads)")
@@ -462,9 +462,10 @@ def task_info(env_id):
 
 
 # One fixed third-person camera for every task, as OpenVLA sees its datasets' single main view. ManiSkill's
-# defaults differ per task (PullCube looks from behind the robot) and show the 4 cm cube as ~2 pixels at 64 px;
-# this one looks down at the workspace from the front, so the cube is ~5 pixels wide.
-CAMERA = dict(eye=[0.35, 0.0, 0.4], target=[-0.05, 0.0, 0.0], fov=1.1)
+# defaults differ per task (PullCube looks from behind the robot) and show the 4 cm cube as ~2 pixels at 64 px.
+# This one looks at the workspace from the front and low (22 cm up), so the cube is ~7 pixels wide and the
+# gripper's height above it is visible: from higher up (eye (0.35, 0, 0.4)) the clone could not tell when to close.
+CAMERA = dict(eye=[0.3, 0.0, 0.22], target=[-0.05, 0.0, 0.02], fov=0.9)
 
 
 @functools.cache  # one simulator per task and process: starting ManiSkill's renderer takes seconds
