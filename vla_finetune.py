@@ -21,8 +21,9 @@ machine: mesa-vulkan-drivers 25.x from bookworm-backports, i.e. lavapipe). The C
 analogue of the paper's and not a reproduction (new task PickCube, prior tasks PushCube and PullCube):
 
   python vla_finetune.py --method bc                        # expert demos, behaviour-clone the base pi0
-  python vla_finetune.py --method rl  --lr 3e-4 1e-3        # fine-tune pi0 on the new task, GRPO (sweep)
-  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3   # ... or SFT on expert demonstrations
+  python vla_finetune.py --method rl  --lr 1e-4 3e-4 1e-3   # fine-tune pi0 on the new task, GRPO (sweep)
+  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3   # ... or SFT on the expert's demonstrations
+  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3 --sft-demos one-axis   # ... or another demonstrator's
   python vla_finetune.py --method plot                      # plots/vla_pareto.png, vla_forgetting_vs_kl.png
 
 Every evaluation point appends one JSON line to OUT_DIR/results.jsonl (new-task success, prior-task
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--train-states", type=int, default=32,
                    help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
     p.add_argument("--sft-epochs", type=int, default=3, help="epochs over one expert demo per training state")
+    p.add_argument("--sft-demos", choices=["expert", "one-axis"], default="expert",
+                   help="expert: demos of the expert pi0 was cloned from; one-axis: another demonstrator "
+                        "(the same moves, one axis per step)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--iterations", type=int, default=48, help="RL iterations (one update each)")
     p.add_argument("--states-per-iter", type=int, default=4)
@@ -427,6 +431,17 @@ def lift_expert(env):
     return np.r_[_toward(tcp, target), 0, 0, 0, grip]
 
 
+def one_axis_lift_expert(env):
+    """Another demonstrator for the new task: the lift expert's moves, one axis per step (the largest error).
+    It solves the task too, with actions pi0 was never shown. SFT on its demos is the analogue of ParityMNIST's
+    SFT on fixed labels, and SFT on the lift expert's (whose demos pi0 was cloned from) of its oracle SFT:
+    the paper's claim is that the labels' distance from pi0, not the loss, decides forgetting (§3, §5)."""
+    action = lift_expert(env)
+    largest = np.argmax(np.abs(action[:3]))
+    action[:3] = np.where(np.arange(3) == largest, action[:3], 0.0)
+    return action
+
+
 def push_expert(env, direction):
     """Go over to the far side of the cube from the goal, descend, sweep along x (closed gripper)."""
     u = env.unwrapped
@@ -512,7 +527,9 @@ def to_policy_action(env_action):
 def run_episode(env, env_id, seed, horizon, act):
     """One episode from initial state `seed`; act(image) -> (env action, record). Stops at success."""
     success_fn = task_info(env_id).get("success") or (lambda e, info: bool(info["success"][0]))
-    obs, _ = env.reset(seed=seed)
+    # reconfigure: rebuild the scene. A plain reset left ManiSkill's CPU physics with state from earlier episodes:
+    # the same policy on the same seed could succeed on one pass and fail on the next (1 of 32 PushCube episodes).
+    obs, _ = env.reset(seed=seed, options=dict(reconfigure=True))
     records, success = [], False
     for _ in range(horizon):
         image = camera_image(obs)
@@ -530,11 +547,11 @@ def run_episode(env, env_id, seed, horizon, act):
 # --------------------------------------------------------------------------------------------------
 
 
-def expert_policy(env, env_id, noise=0.0, rng=None):
+def expert_policy(env, env_id, noise=0.0, rng=None, expert=None):
     """The scripted expert. With noise > 0 the executed xyz move is perturbed while the recorded action stays
     the expert's (DART, Laskey et al. 2017): the demos then show how to recover from small errors, which a
     cloned policy makes and clean demos never visit."""
-    expert = task_info(env_id)["expert"]
+    expert = expert or task_info(env_id)["expert"]
     if expert is None:
         sys.exit(f"error: no scripted expert for {env_id}; demos exist for {', '.join(TASKS)}")
 
@@ -642,13 +659,13 @@ def make_optimizer(model, lr, warmup):
 SEEDS = dict(eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000)  # + index; training: 0..N-1
 
 
-def collect_demos(env, env_id, seeds, horizon, path, noise=0.0):
+def collect_demos(env, env_id, seeds, horizon, path, noise=0.0, expert=None):
     """Successful expert episodes (policy-format actions), saved once and reused."""
     if path.exists():
         return torch.load(path, weights_only=False)
     demos = []
     for seed in tqdm(seeds, desc=f"expert demos {env_id}", leave=False):
-        act = expert_policy(env, env_id, noise, np.random.default_rng(seed))
+        act = expert_policy(env, env_id, noise, np.random.default_rng(seed), expert)
         records, success = run_episode(env, env_id, seed, horizon, act)
         if success:
             demos.append(dict(seed=seed, images=np.stack([r[0] for r in records]),
@@ -762,7 +779,8 @@ def evaluate_point(model, processor, envs, args, stats, kl_states):
 
 def finetune(args, out, results_path, lr):
     """Fine-tune pi0 on the new task with --method rl or sft at one learning rate."""
-    run = f"{args.method}_{args.advantage if args.method == 'rl' else 'demos'}_lr{lr:g}_seed{args.seed}"
+    data = args.advantage if args.method == "rl" else {"expert": "demos", "one-axis": "oneaxis"}[args.sft_demos]
+    run = f"{args.method}_{data}_lr{lr:g}_seed{args.seed}"
     done = {r["step"] for r in read_results(results_path) if r.get("run") == run}
     total = args.iterations if args.method == "rl" else None
     model, processor = load_policy(args.model, args.lora)
@@ -776,8 +794,10 @@ def finetune(args, out, results_path, lr):
     kl_states = kl_states_for(model, processor, envs[args.env], args, stats, out / f"kl_states_{args.env}.pt")
     train_seeds = list(range(args.train_states))
     if args.method == "sft":  # one successful expert demo per training initial state (paper: 10 per grid point)
+        one_axis = args.sft_demos == "one-axis"
         demos = collect_demos(envs[args.env], args.env, train_seeds, args.horizon,
-                              out / "demos" / f"{args.env}_train{args.train_states}.pt")
+                              out / "demos" / f"{args.env}_train{args.train_states}{'_oneaxis' * one_axis}.pt",
+                              expert=one_axis_lift_expert if one_axis else None)
         images, tokens = demo_batches(demos, stats)
         per_epoch = math.ceil(len(tokens) / args.batch_size)
         total = args.sft_epochs * per_epoch
@@ -855,6 +875,15 @@ def _unwrap(model):
 # --------------------------------------------------------------------------------------------------
 
 
+SERIES = {"grpo": ("RL (GRPO)", "tab:blue"), "reinforce": ("RL (REINFORCE)", "tab:cyan"),
+          "demos": ("SFT, π0's expert", "tab:red"), "oneaxis": ("SFT, one-axis demonstrator", "tab:orange")}
+
+
+def series_of(row):
+    """Run names are {method}_{data}_lr..._seed...; data picks the series (GRPO, SFT on which demos, ...)."""
+    return row["run"].split("_")[1]
+
+
 def plot(results_path, plots_dir):
     import matplotlib
     matplotlib.use("Agg")
@@ -863,40 +892,42 @@ def plot(results_path, plots_dir):
     if not rows:
         sys.exit(f"error: no results in {results_path}; run --method bc, rl and sft first")
     plots_dir.mkdir(parents=True, exist_ok=True)
-    colors = {"rl": "tab:blue", "sft": "tab:red", "base": "black"}
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for method in ("rl", "sft"):
-        pts = [r for r in rows if r["method"] in (method, "base")]
-        new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
-        ax.scatter(new, prior, color=colors[method], alpha=0.4, s=15)
-        front = kl.pareto_frontier(new, prior)
-        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=colors[method],
-                label=f"{method.upper()} frontier")
     base = [r for r in rows if r["method"] == "base"]
-    ax.scatter([r["new_success"] for r in base], [r["prior_mean"] for r in base], color="black", marker="*", s=120,
-               zorder=3, label="base π0")
+    present = [key for key in SERIES if any(series_of(r) == key for r in rows if r["method"] != "base")]
+    star = dict(color="black", marker="*", s=120, zorder=3, label="base π0")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for key in present:
+        label, color = SERIES[key]
+        pts = base + [r for r in rows if r["method"] != "base" and series_of(r) == key]
+        new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
+        ax.scatter(new, prior, color=color, alpha=0.4, s=15)
+        front = kl.pareto_frontier(new, prior)
+        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=color, label=f"{label} frontier")
+    ax.scatter([r["new_success"] for r in base], [r["prior_mean"] for r in base], **star)
     ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off",
            xlim=(-0.03, 1.03))
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(plots_dir / "vla_pareto.png", dpi=120), plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    kls = np.array([r["forward_kl"] for r in rows])
-    for method in ("rl", "sft", "base"):  # the base last, on top of the runs' identical step-0 points
-        pts = [r for r in rows if r["method"] == method]
-        style = dict(marker="*", s=120, zorder=3) if method == "base" else dict(s=20, alpha=0.7)
-        for ax, key in zip(axes, ("prior_mean", "new_success")):
-            ax.scatter([r["forward_kl"] for r in pts], [r[key] for r in pts], color=colors[method],
-                       label=method.upper() if method != "base" else "base π0", **style)
-    prior = np.array([r["prior_mean"] for r in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for key in present:
+        label, color = SERIES[key]
+        pts = [r for r in rows if r["method"] != "base" and series_of(r) == key]
+        for ax, field in zip(axes, ("prior_mean", "new_success")):
+            ax.scatter([r["forward_kl"] for r in pts], [r[field] for r in pts], color=color, s=20, alpha=0.7,
+                       label=label)
+    for ax, field in zip(axes, ("prior_mean", "new_success")):  # the base on top of the runs' step-0 points
+        ax.scatter([r["forward_kl"] for r in base], [r[field] for r in base], **star)
+    kls, prior = np.array([r["forward_kl"] for r in rows]), np.array([r["prior_mean"] for r in rows])
     if len(rows) > 3:
         coef, r2 = kl.fit_law(kls, prior)
         grid = np.linspace(0, kls.max(), 100)
-        axes[0].plot(grid, np.polyval(coef, grid), "k--", label=f"quadratic fit, R²={r2:.2f}")
+        axes[0].plot(grid, np.polyval(coef, grid), "k--", label=f"quadratic fit, all points, R²={r2:.2f}")
     axes[0].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="prior-task success (mean)",
                 title="forgetting vs KL")
     axes[1].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="new-task success", title="new task vs KL")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout(), fig.savefig(plots_dir / "vla_forgetting_vs_kl.png", dpi=120), plt.close(fig)
 
 
