@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--train-states", type=int, default=32,
                    help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
     p.add_argument("--sft-epochs", type=int, default=3, help="epochs over one expert demo per training state")
-    p.add_argument("--sft-demos", choices=["expert", "one-axis"], default="expert",
+    p.add_argument("--sft-demos", choices=list(SFT_DEMONSTRATORS), default="expert",
                    help="expert: demos of the expert pi0 was cloned from; one-axis: another demonstrator "
                         "(the same moves, one axis per step)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -442,6 +442,10 @@ def one_axis_lift_expert(env):
     return action
 
 
+# --sft-demos: name -> (tag in run and demo-file names, demonstrator; None = the task's own expert)
+SFT_DEMONSTRATORS = {"expert": ("demos", None), "one-axis": ("oneaxis", one_axis_lift_expert)}
+
+
 def push_expert(env, direction):
     """Go over to the far side of the cube from the goal, descend, sweep along x (closed gripper)."""
     u = env.unwrapped
@@ -779,8 +783,8 @@ def evaluate_point(model, processor, envs, args, stats, kl_states):
 
 def finetune(args, out, results_path, lr):
     """Fine-tune pi0 on the new task with --method rl or sft at one learning rate."""
-    data = args.advantage if args.method == "rl" else {"expert": "demos", "one-axis": "oneaxis"}[args.sft_demos]
-    run = f"{args.method}_{data}_lr{lr:g}_seed{args.seed}"
+    sft_tag, sft_expert = SFT_DEMONSTRATORS[args.sft_demos]
+    run = f"{args.method}_{args.advantage if args.method == 'rl' else sft_tag}_lr{lr:g}_seed{args.seed}"
     done = {r["step"] for r in read_results(results_path) if r.get("run") == run}
     total = args.iterations if args.method == "rl" else None
     model, processor = load_policy(args.model, args.lora)
@@ -794,10 +798,9 @@ def finetune(args, out, results_path, lr):
     kl_states = kl_states_for(model, processor, envs[args.env], args, stats, out / f"kl_states_{args.env}.pt")
     train_seeds = list(range(args.train_states))
     if args.method == "sft":  # one successful expert demo per training initial state (paper: 10 per grid point)
-        one_axis = args.sft_demos == "one-axis"
+        suffix = "" if sft_expert is None else f"_{sft_tag}"  # the expert's demos keep their original file name
         demos = collect_demos(envs[args.env], args.env, train_seeds, args.horizon,
-                              out / "demos" / f"{args.env}_train{args.train_states}{'_oneaxis' * one_axis}.pt",
-                              expert=one_axis_lift_expert if one_axis else None)
+                              out / "demos" / f"{args.env}_train{args.train_states}{suffix}.pt", expert=sft_expert)
         images, tokens = demo_batches(demos, stats)
         per_epoch = math.ceil(len(tokens) / args.batch_size)
         total = args.sft_epochs * per_epoch
@@ -893,13 +896,14 @@ def plot(results_path, plots_dir):
         sys.exit(f"error: no results in {results_path}; run --method bc, rl and sft first")
     plots_dir.mkdir(parents=True, exist_ok=True)
     base = [r for r in rows if r["method"] == "base"]
-    present = [key for key in SERIES if any(series_of(r) == key for r in rows if r["method"] != "base")]
+    by_series = {key: [r for r in rows if r["method"] != "base" and series_of(r) == key] for key in SERIES}
+    by_series = {key: pts for key, pts in by_series.items() if pts}
     star = dict(color="black", marker="*", s=120, zorder=3, label="base π0")
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for key in present:
+    for key, pts in by_series.items():
         label, color = SERIES[key]
-        pts = base + [r for r in rows if r["method"] != "base" and series_of(r) == key]
+        pts = base + pts
         new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
         ax.scatter(new, prior, color=color, alpha=0.4, s=15)
         front = kl.pareto_frontier(new, prior)
@@ -911,9 +915,8 @@ def plot(results_path, plots_dir):
     fig.tight_layout(), fig.savefig(plots_dir / "vla_pareto.png", dpi=120), plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for key in present:
+    for key, pts in by_series.items():
         label, color = SERIES[key]
-        pts = [r for r in rows if r["method"] != "base" and series_of(r) == key]
         for ax, field in zip(axes, ("prior_mean", "new_success")):
             ax.scatter([r["forward_kl"] for r in pts], [r[field] for r in pts], color=color, s=20, alpha=0.7,
                        label=label)
