@@ -1,5 +1,6 @@
 # Two entry points do all the set-up on a fresh machine: `make reproduce` and `make test`.
-# Each creates .venv and installs requirements.txt on first use; later runs reuse it.
+# Each creates .venv on first use and installs what it needs (the lab: requirements.txt; the tests: every
+# requirements file); later runs reuse it.
 PYTHON_SYSTEM ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,6 +12,11 @@ $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
+	touch $@
+
+# The tests cover every script: the LLM and robot paths' extra packages too.
+$(VENV)/installed-all: $(VENV)/installed requirements-llm.txt requirements-vla.txt
+	$(VENV)/bin/pip install -r requirements-llm.txt -r requirements-vla.txt
 	touch $@
 
 # Offline machines with a local copy of MNIST/FashionMNIST (this project's CI) link it in;
@@ -27,12 +33,12 @@ reproduce: $(VENV)/installed data
 demo: $(VENV)/installed data
 	$(PY) parity_mnist.py --method rl
 
-bench: $(VENV)/installed data
+bench: $(VENV)/installed-all data
 	$(PY) parity_mnist.py --bench
 	HF_HUB_OFFLINE=1 $(PY) llm_finetune.py --bench
 
 # The LLM CPU twin end to end (README, "LLM experiments"): build + pretrain, the two sweeps, the plots.
-llm-twin: $(VENV)/installed
+llm-twin: $(VENV)/installed-all
 	export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	$(PY) llm_finetune.py --build-twin && \
 	$(PY) llm_finetune.py --method grpo sft reinforce simpo && \
@@ -50,5 +56,5 @@ vulkan:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1; \
 	fi
 
-test: $(VENV)/installed data vulkan
+test: $(VENV)/installed-all data vulkan
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
