@@ -229,3 +229,170 @@ def test_corrupt_or_mismatched_checkpoint_gives_one_clear_line(content, tmp_path
         result = run_script(*args, "--data-dir", str(DATA_DIR), cwd=tmp_path)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert f"error: checkpoint {path.relative_to(tmp_path) if args[1] == 'rl' else path}" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Wiring: what each recorded number means and what each method trains toward. Each test is written so
+# that a one-line mistake in the script (a swapped argument, a flipped sign, a wrong label set, an
+# ignored flag) fails it. `method_loss_grad` and `evaluate` are the only places that know the scripts'
+# function signatures.
+# --------------------------------------------------------------------------------------------------
+
+from torch.distributions import Categorical, kl_divergence  # noqa: E402
+
+
+def method_loss_grad(method, logits, digits, gen, base_logits=None, teacher_logits=None, sft2_labels=None, **cfg):
+    """(loss, d loss / d logits) of one method on a batch of logits [B, 10]."""
+    logits = logits.clone().requires_grad_()
+    cfg = config(method, **cfg)
+    batch = len(digits)
+    fixed = {"sft2_coin": torch.zeros(batch, dtype=torch.long) if sft2_labels is None else (sft2_labels - digits % 2) // 4}
+    if base_logits is not None:
+        fixed["base_logits"] = base_logits
+    if teacher_logits is not None:
+        fixed["teacher_logits"] = teacher_logits
+    loss = pm.method_loss(cfg, logits.unsqueeze(0), digits, torch.arange(batch), None, fixed, gen)
+    return loss, torch.autograd.grad(loss, logits)[0]
+
+
+def evaluate(params, data, ref):
+    return pm.evaluate(params, data, ref)
+
+
+def random_logits(batch, seed):
+    return 2 * torch.randn(batch, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def implied_targets(logits, grad):
+    """For a cross-entropy loss averaged over B rows, d loss / d logits = (softmax - target) / B."""
+    return logits.softmax(-1) - len(logits) * grad
+
+
+def test_a_model_that_did_not_move_scores_exactly_as_the_base(ref, data):
+    metrics = evaluate(ref.base, data, ref)
+    for key in ("forward_kl", "reverse_kl", "tv", "l2", "js", "forgetting", "weight_l1", "fisher_l2",
+                "spectral_norm", "act_l1", "act_l2"):
+        assert metrics[key] == 0, key
+    assert metrics["cka"] == pytest.approx(1, abs=1e-12)
+    assert metrics["fashion_acc"] == ref.fashion_acc
+
+
+def test_recorded_divergences_are_named_by_direction_and_measured_on_new_task_inputs(ref, data):
+    gen = torch.Generator().manual_seed(1)
+    moved = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in ref.base.items()}
+    moved["b3"] = moved["b3"] + 3 * (torch.arange(10) == 0)  # mass toward label 0: KL(pi0||pi) != KL(pi||pi0)
+    metrics = evaluate(moved, data, ref)
+    base = Categorical(logits=pm.mlp(ref.base, data.mnist_test_x).double())  # MNIST test, indicator +1
+    tuned = Categorical(logits=pm.mlp(moved, data.mnist_test_x).double())
+    forward, reverse = kl_divergence(base, tuned).mean().item(), kl_divergence(tuned, base).mean().item()
+    assert abs(forward - reverse) > 0.1 * forward  # the two directions are told apart by this test
+    assert metrics["forward_kl"] == pytest.approx(forward, rel=1e-4)
+    assert metrics["reverse_kl"] == pytest.approx(reverse, rel=1e-4)
+    fashion_acc = (pm.mlp(moved, data.fashion_test_x).argmax(-1) == data.fashion_test_y).float().mean().item()
+    parity_acc = (pm.mlp(moved, data.mnist_test_x).argmax(-1) % 2 == data.mnist_test_y % 2).float().mean().item()
+    assert metrics["fashion_acc"] == pytest.approx(fashion_acc)
+    assert metrics["parity_acc"] == pytest.approx(parity_acc)
+    assert metrics["forgetting"] == pytest.approx(ref.fashion_acc - fashion_acc)  # base minus current
+    assert metrics["forgetting"] > 0  # this random move costs FashionMNIST accuracy
+
+
+def test_sft1_targets_are_0_for_even_and_1_for_odd():
+    logits, digits = random_logits(40, 0), torch.arange(40) % 10
+    _, grad = method_loss_grad("sft1", logits, digits, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(implied_targets(logits, grad), torch.nn.functional.one_hot(digits % 2, 10).float())
+
+
+def test_sft2_targets_are_the_given_labels_from_0_4_and_1_5():
+    logits, digits = random_logits(40, 1), torch.arange(40) % 10
+    labels = digits % 2 + 4 * (torch.arange(40) // 10 % 2)
+    _, grad = method_loss_grad("sft2", logits, digits, torch.Generator().manual_seed(0), sft2_labels=labels)
+    torch.testing.assert_close(implied_targets(logits, grad), torch.nn.functional.one_hot(labels, 10).float())
+
+
+def test_soft_oracle_targets_are_the_base_restricted_to_the_correct_parity():
+    logits, base_logits, digits = random_logits(40, 2), random_logits(40, 3), torch.arange(40) % 10
+    _, grad = method_loss_grad("sft-oracle", logits, digits, torch.Generator().manual_seed(0),
+                               base_logits=base_logits, oracle_targets="soft")
+    base = base_logits.softmax(-1)
+    correct = torch.arange(10) % 2 == (digits % 2).unsqueeze(-1)
+    expected = base * correct / (base * correct).sum(-1, keepdim=True)
+    torch.testing.assert_close(implied_targets(logits, grad), expected)
+
+
+@pytest.mark.parametrize("method, source", [("sft-oracle", "base"), ("sft-distill", "teacher")])
+def test_sampled_targets_follow_their_distribution(method, source):
+    """Oracle: labels sampled from pi0(.|correct parity); distillation: labels sampled from the teacher."""
+    batch, draws = 4, 4000
+    logits, digits = random_logits(batch, 4), torch.tensor([0, 3, 6, 9])
+    source_logits = random_logits(batch, 5)
+    kwargs = {"base_logits": source_logits} if source == "base" else {"teacher_logits": source_logits}
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(batch, 10)
+    for _ in range(draws):
+        _, grad = method_loss_grad(method, logits, digits, gen, **kwargs)
+        counts += implied_targets(logits, grad)
+    expected = source_logits.softmax(-1)
+    if method == "sft-oracle":
+        correct = torch.arange(10) % 2 == (digits % 2).unsqueeze(-1)
+        expected = expected * correct / (expected * correct).sum(-1, keepdim=True)
+    torch.testing.assert_close(counts / draws, expected, atol=0.03, rtol=0)
+
+
+def policy_gradient_expectation(logits, labels, advantages):
+    """-(1 / (B G)) sum_{i,g} A_ig d log pi(y_ig | x_i) / d logits, by enumeration: onehot(y) - pi."""
+    probs = logits.softmax(-1)
+    batch, group = labels.shape
+    grad = torch.zeros_like(logits)
+    for i in range(batch):
+        for g in range(group):
+            grad[i] -= advantages[i, g] * (torch.nn.functional.one_hot(labels[i, g], 10) - probs[i])
+    return grad / (batch * group)
+
+
+@pytest.mark.parametrize("method, group_size", [("rl", 4), ("rl", 6), ("reinforce", 4)])
+def test_policy_gradient_advantages_and_group_size(method, group_size):
+    logits, digits = random_logits(12, 6), torch.arange(12) % 10
+    _, grad = method_loss_grad(method, logits, digits, torch.Generator().manual_seed(7), group_size=group_size)
+    labels = pm.gumbel_sample(logits, group_size, torch.Generator().manual_seed(7))  # the same draw, replayed
+    assert labels.shape == (12, group_size)
+    rewards = (labels % 2 == (digits % 2).unsqueeze(-1)).double()
+    if method == "rl":  # GRPO: group-normalised, population std
+        advantages = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, correction=0, keepdim=True) + 1e-8)
+    else:  # 1-0 REINFORCE: the reward itself
+        advantages = rewards
+    torch.testing.assert_close(grad, policy_gradient_expectation(logits, labels, advantages.float()),
+                               atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction, coef", [("reverse", 0.1), ("forward", 0.1), ("reverse", 0.7)])
+def test_kl_penalty_direction_and_coefficient(direction, coef):
+    logits, base_logits, digits = random_logits(12, 8), random_logits(12, 9), torch.arange(12) % 10
+    _, grad = method_loss_grad("rl-kl", logits, digits, torch.Generator().manual_seed(3), base_logits=base_logits,
+                               kl_coef=coef, kl_direction=direction)
+    _, rl_grad = method_loss_grad("rl", logits, digits, torch.Generator().manual_seed(3))
+    tuned_logits = logits.clone().requires_grad_()
+    base, tuned = Categorical(logits=base_logits), Categorical(logits=tuned_logits)
+    penalty = (kl_divergence(tuned, base) if direction == "reverse" else kl_divergence(base, tuned)).mean()
+    expected = rl_grad + coef * torch.autograd.grad(penalty, tuned_logits)[0]
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_simpo_prefers_the_sft1_label_over_a_wrong_parity_label():
+    """Wrong-parity labels share one logit here, so the loss does not depend on which one was drawn."""
+    digits = torch.arange(20) % 10
+    logits = random_logits(20, 10)
+    wrong = torch.arange(10) % 2 != (digits % 2).unsqueeze(-1)
+    logits = logits.masked_fill(wrong, -0.5)
+    loss, _ = method_loss_grad("simpo", logits, digits, torch.Generator().manual_seed(0))
+    logp = logits.log_softmax(-1)
+    chosen = logp.gather(-1, (digits % 2).unsqueeze(-1)).squeeze(-1)
+    rejected = logp.gather(-1, (1 - digits % 2).unsqueeze(-1)).squeeze(-1)
+    expected = -torch.nn.functional.logsigmoid(chosen - rejected - 1.0).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_parity_reward_and_correct_set():
+    digits = torch.tensor([0, 1, 2, 7])
+    labels = torch.tensor([4, 4, 3, 9])
+    assert pm.parity_reward(labels, digits).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert pm.correct_labels(torch.tensor([3]))[0].nonzero().flatten().tolist() == [1, 3, 5, 7, 9]
