@@ -1,4 +1,5 @@
-# Two entry points do all the set-up on a fresh machine: `make reproduce` and `make test`.
+# Two entry points do all the set-up on a fresh machine: `make reproduce` (ParityMNIST, every figure on a
+# reduced grid, minutes) and `make test`. `make reproduce-full` runs the paper's whole grid.
 # Each creates .venv on first use and installs what it needs (the lab: requirements.txt; the tests: every
 # requirements file); later runs reuse it.
 PYTHON_SYSTEM ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 
-.PHONY: reproduce demo test bench llm-twin data vulkan
+.PHONY: reproduce reproduce-full demo test bench llm-twin data vulkan
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -28,16 +29,19 @@ data:
 	done
 
 reproduce: $(VENV)/installed data
-	$(PY) parity_mnist.py --reproduce
+	$(PY) parity_sweep.py --quick
+
+reproduce-full: $(VENV)/installed data
+	$(PY) parity_sweep.py --reproduce
 
 demo: $(VENV)/installed data
 	$(PY) parity_mnist.py --method rl
 
 bench: $(VENV)/installed-all data
-	$(PY) parity_mnist.py --bench
+	$(PY) parity_sweep.py --bench
 	HF_HUB_OFFLINE=1 $(PY) llm_finetune.py --bench
 
-# The LLM CPU twin end to end (README, "LLM experiments"): build + pretrain, the two sweeps, the plots.
+# The LLM CPU twin end to end (docs/llm_finetune.md): build + pretrain, the two sweeps, the plots.
 llm-twin: $(VENV)/installed-all
 	export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	$(PY) llm_finetune.py --build-twin && \
@@ -47,7 +51,7 @@ llm-twin: $(VENV)/installed-all
 
 # ManiSkill's CPU renderer (vla_finetune.py) needs a Vulkan driver. On Debian 12 without a GPU, Mesa's
 # lavapipe from bookworm-backports (25.x) works and the stock 22.3 does not: as root, install it once.
-# Elsewhere this does nothing, and the ManiSkill test skips with the reason (README: "Vulkan").
+# Elsewhere this does nothing, and the ManiSkill test skips with the reason (docs/vla_finetune.md).
 vulkan:
 	@if [ "$$(id -u)" = 0 ] && grep -q bookworm /etc/os-release 2>/dev/null \
 	    && ! dpkg-query -W -f='$${Version}' mesa-vulkan-drivers 2>/dev/null | grep -q '^2[5-9]'; then \

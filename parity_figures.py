@@ -2,7 +2,7 @@
 
     python parity_figures.py [--results runs/parity/results.jsonl] [--plots plots]
 
-Reads the JSON-lines file that `parity_mnist.py` writes (one "eval" row per checkpoint, one "step" row
+Reads the JSON-lines file that `parity_sweep.py` writes (one "eval" row per checkpoint, one "step" row
 per training step) and writes PNG figures plus `parity_results.md` (the README's results tables) into
 the plots folder. Nothing here needs the model code: the math (fits, bootstrap, Pareto frontiers,
 divergences, losses) comes from kl.py. The last figure, the theory of §5.2, is a self-contained
@@ -792,7 +792,7 @@ def report_header(results):
             "best value (highest FashionMNIST accuracy, lowest KL, highest CKA) among a method's checkpoints with "
             "parity accuracy >= X, with X = 96 % unless a compared method never gets there; comparisons between "
             "methods use only the (lr, scheduler, epochs) configurations all of them ran. Linear CKA and the "
-            "activation metrics use the last hidden layer (256 units), as parity_mnist.py records them; KLs, TV, "
+            "activation metrics use the last hidden layer (256 units), as parity_sweep.py records them; KLs, TV, "
             "L2 and JS are exact 10-way values averaged over ParityMNIST test images.", ""]
 
 
@@ -938,12 +938,12 @@ def make_all(results_path="runs/parity/results.jsonl", plots_dir="plots", n_boot
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default="runs/parity/results.jsonl", help="JSON-lines file of parity_mnist.py")
+    parser.add_argument("--results", default="runs/parity/results.jsonl", help="JSON-lines file of parity_sweep.py")
     parser.add_argument("--plots", default="plots", help="folder for the PNG figures and parity_results.md")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the R² intervals")
     args = parser.parse_args()
     if not os.path.isfile(args.results):
-        parser.error(f"no results file at {args.results}; run `python parity_mnist.py --quick` first")
+        parser.error(f"no results file at {args.results}; run `python parity_sweep.py --quick` first")
     if args.n_boot < 10:
         parser.error("--n-boot must be at least 10")
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ def quadratic_law(forward_kl):
 
 
 def synthetic_rows(methods, seeds=(0, 1), lrs=(1e-5, 1e-4, 1e-3), checkpoints=5, with_steps=True, with_cka=True):
-    """Well-formed rows as parity_mnist.py writes them, with made-up numbers: each method moves KL at
+    """Well-formed rows as parity_sweep.py writes them, with made-up numbers: each method moves KL at
     its own rate, FashionMNIST accuracy follows quadratic_law exactly, other predictors follow it loosely."""
     rng = np.random.default_rng(0)
     speed = {"sft1": 6.0, "sft2": 3.5, "sft-oracle": 0.3, "rl": 0.9, "rl-kl": 0.4, "reinforce": 1.0,
@@ -138,7 +138,7 @@ def test_missing_results_file_is_one_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pf.main()
     assert exit_info.value.code != 0
-    assert "parity_mnist.py --quick" in capsys.readouterr().err
+    assert "parity_sweep.py --quick" in capsys.readouterr().err
 
 
 # ---- the theory (§5.2, App. A; PAPER.md §5's worked example) --------------------------------------
