@@ -255,10 +255,12 @@ def method_loss(cfg, logits, digits, sft2_labels, base_logits, teacher_logits, g
     elif cfg.method == "sft-distill":  # labels sampled from an RL-trained teacher (Fig. 9)
         targets = gumbel_sample(teacher_logits, 1, gen).squeeze(-1)
     elif cfg.method == "simpo":  # offline positives (SFT dist. 1) against wrong-parity negatives (§5.1)
-        chosen = (digits % 2).expand(logits.shape[:-1])
+        chosen = digits % 2
         rejected = (1 - digits % 2) + 2 * torch.randint(0, 5, digits.shape, generator=gen)
-        return kl.simpo_loss(kl.token_logprobs(logits, chosen),
-                             kl.token_logprobs(logits, rejected.expand(logits.shape[:-1])))
+        logprobs = F.log_softmax(logits, -1)
+        chosen_logprobs = logprobs.gather(-1, chosen.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        rejected_logprobs = logprobs.gather(-1, rejected.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        return kl.simpo_loss(chosen_logprobs, rejected_logprobs)
     else:
         raise ValueError(f"unknown method {cfg.method!r}")
     return kl.sft_loss(logits, targets.expand(logits.shape[:-1]))
