@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 def _full_precision(tensor):
     """Integers and bf16/fp16 become float32 (or the default float type); float32/64 stay as they are.
-    Log-probabilities of a bf16 model are computed in float32 (PAPER.md §8, pitfalls)."""
+    Log-probabilities of a bf16 model are computed in float32: bf16 rounding is the artefact behind the
+    apparent sparsity of RL updates, which the paper traces to bf16 storage of small updates."""
     if tensor.dtype in (torch.float16, torch.bfloat16):
         return tensor.float()
     return tensor if tensor.dtype.is_floating_point else tensor.to(torch.get_default_dtype())
@@ -90,10 +91,10 @@ def divergences(base_logits, logits):
 def restrict_to_correct(base_logits, correct):
     """Log-probs of pi0 restricted to the correct set S and renormalised: pi0(y | S) (Lemma A.1).
 
-    This is the "optimal distribution" of the ParityMNIST oracle SFT (§3.5 of PAPER.md): the
-    information projection argmin_{q: q(S)=1} KL(q || pi0), with KL(q* || pi0) = -log pi0(S). The
-    paper prints the forward objective KL(pi0 || q), which is +inf for every feasible q; the
-    I-projection is the reading that matches the rejection-sampling argument of §5.
+    This is the "optimal distribution" of the ParityMNIST oracle SFT (§3, Fig. 3): the information
+    projection argmin_{q: q(S)=1} KL(q || pi0), with KL(q* || pi0) = -log pi0(S). The paper prints
+    the forward objective KL(pi0 || q), which is +inf for every feasible q; the I-projection is the
+    reading that matches the rejection-sampling argument of §5.2 and Lemma A.1.
     `correct` is a bool tensor broadcastable to the logits; entries outside S get log-prob -inf.
     """
     masked = base_logits.masked_fill(~correct, float("-inf"))
@@ -101,8 +102,8 @@ def restrict_to_correct(base_logits, correct):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Sequence KL for language and action-token models (PAPER.md §6.6; Schulman, "Approximating KL
-#    divergence", 2020)
+# 2. Sequence KL for language and action-token models (the paper does not say how it estimated the
+#    LLM's KL; these are the exact per-token KL and Schulman's estimators, "Approximating KL divergence", 2020)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -311,7 +312,7 @@ def bootstrap_r2(predictor, forgetting, groups=None, degree=2, n_boot=1000, ci=0
 def pareto_frontier(new_task_score, prior_task_score):
     """Indices of the non-dominated points (higher is better on both axes), by new-task score descending.
 
-    Rule (PAPER.md §8): sort by new-task score descending, ties by prior score descending, and keep a
+    Rule: sort by new-task score descending, ties by prior score descending, and keep a
     point only if its prior score is strictly higher than every point kept so far, so ties and
     duplicate checkpoints appear once.
     """

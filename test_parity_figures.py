@@ -141,7 +141,7 @@ def test_missing_results_file_is_one_clear_error(tmp_path, monkeypatch, capsys):
     assert "parity_sweep.py --quick" in capsys.readouterr().err
 
 
-# ---- the theory (§5.2, App. A; PAPER.md §5's worked example) --------------------------------------
+# ---- the theory (§5.2, App. A) and its worked example --------------------------------------
 
 
 def test_worked_example_i_projection_and_sft_targets():
@@ -192,3 +192,13 @@ def test_theory_runs_reproduce_paper_numbers():
     parity = experiment["ParityMNIST outputs"]
     assert parity["runs"]["Adam on exact policy gradient"]["curve"][-1] == pytest.approx(parity["min_kl"], abs=0.02)
     assert parity["runs"]["SFT on a fixed correct label, Adam"]["curve"][-1] > parity["min_kl"] + 0.3
+
+
+def test_the_law_is_drawn_only_where_the_quadratic_describes_the_data():
+    """Fig. 3 (middle): a convex fit is drawn up to its minimum when that comes before the largest KL."""
+    coefficients = np.polyfit([0, 5, 10, 15], [0.68, 0.40, 0.22, 0.20], 2)
+    vertex = -coefficients[1] / (2 * coefficients[0])
+    assert 10 < vertex < 15
+    assert pf.fit_range(coefficients, 15.0) == pytest.approx(vertex)
+    assert pf.fit_range(coefficients, 8.0) == 8.0  # the data end before the minimum
+    assert pf.fit_range(np.array([-0.001, -0.05, 0.68]), 15.0) == 15.0  # concave: no minimum to stop at
