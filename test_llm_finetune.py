@@ -45,7 +45,7 @@ def twin(tmp_path_factory):
 
 
 def args_for(path, *extra):
-    return L.parse_args(["--model", str(path), "--micro-batch", "64", *extra])
+    return L.parse_args(["--model", str(path), *extra])
 
 
 def make_optimizer(model, lr):
@@ -218,9 +218,10 @@ def test_simpo_step_prefers_the_chosen_response(twin):
 
 def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(twin, tmp_path):
     tokenizer, base, path = twin
-    args = args_for(path, "--kl-samples", "16", "--max-new-tokens", "8", "--micro-batch", "128")
+    args = args_for(path, "--kl-samples", "16", "--eval-max-tokens", "8", "--micro-batch-tokens", "600")
     examples = [{"prompt": f"copy: {c * 3}"} for c in "abcdefghijklmnop"]
     samples = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt")
+    assert len(list(samples.batches())) > 2  # several length-grouped micro-batches
     same = samples.forward_kl(copy.deepcopy(base))
     assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["k1_seq"] == pytest.approx(0.0, abs=1e-6)
     moved = copy.deepcopy(base)
@@ -228,27 +229,42 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
     exact = samples.forward_kl(moved)
-    # k1 is an unbiased estimate of the same sequence KL under y ~ pi0: agreement within ~4 standard errors.
-    per_sequence = []
-    for i, batch in enumerate(samples.batches):
+    # Independent computation: full-sequence forwards of both models, one (prompt, response) at a time,
+    # the exact KL from torch.distributions and k1 from the sampled tokens.
+    exact_direct, k1_direct = [], []
+    for prompt, response in zip(samples.prompts, samples.responses):
+        if not response:  # a pad sampled first: an empty response, KL 0
+            exact_direct.append(0.0)
+            k1_direct.append(0.0)
+            continue
+        ids = torch.tensor([prompt + response])
         with torch.no_grad():
-            logits = L.forward_logits(moved, batch)
-        base_lp, lp = (kl.token_logprobs(x, batch["response_ids"]) for x in (samples.base_logprobs[i], logits))
-        per_sequence += kl.kl_estimators(base_lp, lp, batch["response_mask"])["k1"].tolist()
-    stderr = torch.tensor(per_sequence).std().item() / len(per_sequence) ** 0.5
+            base_logits, logits = (m(ids).logits[0, len(prompt) - 1:-1] for m in (base, moved))
+        p0, p1 = torch.distributions.Categorical(logits=base_logits), torch.distributions.Categorical(logits=logits)
+        exact_direct.append(torch.distributions.kl_divergence(p0, p1).sum().item())
+        k1_direct.append((p0.log_prob(torch.tensor(response)) - p1.log_prob(torch.tensor(response))).sum().item())
+    assert exact["kl_seq"] == pytest.approx(sum(exact_direct) / len(exact_direct), rel=1e-4)
+    assert exact["k1_seq"] == pytest.approx(sum(k1_direct) / len(k1_direct), rel=1e-4, abs=1e-5)
+    # k1 and k3 are unbiased estimates of the same sequence KL under y ~ pi0: agreement within ~4 standard errors.
+    stderr = torch.tensor(k1_direct).std().item() / len(k1_direct) ** 0.5
     assert exact["kl_seq"] > 0.05
     assert abs(exact["k1_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
     assert abs(exact["k3_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
-    # The cache reloads to the same numbers, and recomputing pi0's log-probs from a frozen copy (what
+    # The cache reloads to the same numbers, and recomputing pi0's log-probs from the frozen pi0 (what
     # happens when the cache would be too large) gives them too.
     assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").forward_kl(moved) == exact
-    uncached = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "samples.pt", max_gb=0.0)
-    assert uncached.base_logprobs is None
-    recomputed = uncached.forward_kl(moved, reference=base)
-    assert recomputed == pytest.approx(exact, rel=1e-5, abs=1e-6)
+    uncached_args = args_for(path, "--kl-samples", "16", "--eval-max-tokens", "8", "--kl-cache-gb", "0")
+    uncached = L.BaseSamples(base, tokenizer, examples, uncached_args, tmp_path / "samples.pt")
+    assert uncached.base_logprobs is None and uncached.reference is base
+    assert uncached.forward_kl(moved) == pytest.approx(exact, rel=1e-5, abs=1e-6)
+    assert uncached.forward_kl(base)["kl_seq"] == pytest.approx(0.0, abs=1e-6)  # pi0 against itself
 
 
 # ---------------------------------------------------------------------------- reward checkers
+
+
+def first_call(name, arguments):
+    return json.dumps({"name": name, "arguments": arguments})
 
 
 @pytest.mark.parametrize("task,response,answer,expected", [
@@ -256,6 +272,13 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     ("addition", "the sum is 843", "843", 1.0),
     ("addition", "357+486=842", "843", 0.0),
     ("addition", "+=", "843", 0.0),
+    # math-verify on the formats a reasoning model writes (string/float comparison missed the first five)
+    ("math", "Solving gives $x = 5$. Final answer: \\boxed{x=5}", "5", 1.0),
+    ("math", "It costs \\boxed{\\$5}.", "5", 1.0),
+    ("math", "The side is \\boxed{5\\text{ cm}}", "5", 1.0),
+    ("math", "\\boxed{\\sqrt3}", "\\sqrt{3}", 1.0),
+    ("math", "The roots are \\boxed{1,2}", "1,2", 1.0),
+    ("math", "The roots are \\boxed{1,2}", "12", 0.0),  # a set, not twelve
     ("math", "So x = 2 and the answer is \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}", 1.0),
     ("math", "\\boxed{0.5}", "1/2", 1.0),
     ("math", "\\boxed{\\left( 3, 4 \\right)}", "(3,4)", 1.0),
@@ -263,20 +286,25 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     ("math", "The answer is 4", "4", 0.0),  # no \boxed{}: not graded as an answer
     ("math", "\\boxed{4", "4", 0.0),  # unbalanced braces
     ("science", "The electron count gives... Answer: C", "C", 1.0),
-    ("science", "answer is (b).", "B", 1.0),
+    ("science", "Let me think.\n\nAnswer: **C**", "C", 1.0),
+    ("science", "The correct option is (B), so the answer is (B).", "B", 1.0),
+    ("science", "the answer is a mixture of both products", "A", 0.0),  # 'a' is an article, not option A
     ("science", "Answer: A", "C", 0.0),
     ("science", "I am not sure.", "C", 0.0),
-    ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habitat", "limit": 3}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 1.0),
-    ("tools", 'Thought: search\nAction: searchAxolotlImages\nAction Input: {"color": "albino", "gender": ""}',
-     json.dumps([{"name": "searchAxolotlImages", "arguments": {"color": "albino", "size": ""}}]), 1.0),
+    ("science", "D", "D", 1.0),
+    # ToolAlpaca: the first call of the trajectory is the reference
+    ("tools", 'Thought: I need facts.\nAction: getAxolotlFacts\nAction Input: {"category": "habitat", "limit": 3}',
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 1.0),
+    ("tools", 'Action: getAxolotlFacts\nAction Input: {\n  "category": "habitat",\n  "limit": 3\n}\nObservation:',
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 1.0),
+    ("tools", 'Action: searchAxolotlImages\nAction Input: {"color": "albino", "gender": ""}\n'
+     'Action: getAxolotlFacts\nAction Input: {}', first_call("searchAxolotlImages", {"color": "albino", "size": ""}), 1.0),
     ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habits", "limit": 3}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 0.0),
-    ("tools", 'Action: getRandomAxolotlImage\nAction Input: {}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 0.0),
+    ("tools", 'Action: getRandomAxolotlImage\nAction Input: {}', first_call("getAxolotlFacts", {}), 0.0),
     ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": habitat}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat"}}]), 0.0),
-    ("tools", "I would call the facts API.", json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+     first_call("getAxolotlFacts", {"category": "habitat"}), 0.0),
+    ("tools", "I would call the facts API.", first_call("getAxolotlFacts", {}), 0.0),
 ])
 def test_reward_checkers(task, response, answer, expected):
     assert L.REWARDS[task](response, answer) == expected
@@ -325,8 +353,8 @@ def test_local_data_file_round_trip_and_split(tmp_path, twin):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = args_for(path, "--data-file", str(data), "--num-test", "10", "--kl-prompts", "5")
-    train, test, kl_prompts = L.load_new_task(args)
-    assert (len(train), len(test), len(kl_prompts)) == (25, 10, 5)
+    train, test, kl_prompts, skipped = L.load_new_task(args)
+    assert (len(train), len(test), len(kl_prompts), skipped) == (25, 10, 5, 0)
     assert sorted(r["prompt"] for r in train + test + kl_prompts) == sorted(r["prompt"] for r in rows)
 
 
