@@ -1,8 +1,10 @@
 """Tests of llm_finetune.py on a tiny locally built Qwen2 (CPU, offline, one model build per module)."""
 import copy
+import gc
 import json
 import os
 import random
+import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -415,3 +417,70 @@ def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, 
     resumed = results.read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
     assert [strip(line) for line in resumed] == [strip(line) for line in lines]
+
+
+# ---------------------------------------------------------------------------- the real path, at real shapes
+
+
+def test_real_shaped_sweep_frees_each_run_and_survives_the_uncached_kl_and_length_limit(tmp_path, monkeypatch):
+    """Qwen2.5-3B's vocabulary (151,936, tied embeddings) at a tiny width, responses of a few hundred
+    tokens, a 2-step GRPO and a 2-step SFT sweep of two runs each in one process, pi0's log-probs too
+    large for the cache (--kl-cache-gb 0), SFT targets over --max-seq-len dropped."""
+    torch.set_num_threads(1)
+    model_dir = tmp_path / "tiny151k"
+    L.build_random_model(model_dir, "tiny-151k")
+    rows = [{"prompt": f"add: {10 + i}+{20 + i}", "answer": str(30 + 2 * i),
+             "response": "let me add the tens and the ones. " * (4 if i % 2 else 12) + str(30 + 2 * i)}
+            for i in range(24)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alive = []  # weakrefs to (model, optimizer) of each training run, in order
+    real_load, real_adamw = L.load_model, torch.optim.AdamW
+    checks = []
+
+    def spy_load(args, device):
+        gc.collect()
+        checks.append([ref() is None for pair in alive for ref in pair])
+        model = real_load(args, device)
+        alive.append([weakref.ref(model)])
+        return model
+
+    class SpyAdamW(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            alive[-1].append(weakref.ref(self))
+
+    monkeypatch.setattr(L, "load_model", spy_load)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    # Random weights never write a sum: reward the parity of the characters instead, so groups vary.
+    monkeypatch.setitem(L.REWARDS, "addition", lambda response, answer: float(sum(map(ord, response)) % 2))
+    argv = ["--model", str(model_dir), "--data-file", str(data), "--out", str(tmp_path / "out"),
+            "--method", "grpo", "sft", "--lr", "1e-4", "3e-4", "--steps", "2", "--eval-every", "2",
+            "--group-size", "2", "--prompts-per-step", "2", "--batch-size", "2", "--max-new-tokens", "160",
+            "--eval-max-tokens", "40", "--max-seq-len", "300", "--micro-batch-tokens", "512", "--kl-cache-gb", "0",
+            "--num-test", "2", "--kl-prompts", "2", "--kl-samples", "1", "--eval-samples", "1",
+            "--prior-tasks", "twin_copy", "--prior-limit", "1", "--warmup-steps", "0"]
+    L.main(argv)
+    gc.collect()
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in results] == ["base", "grpo-lr0.0001-schedulerconstant-seed0-mu1-epochs1",
+                                              "grpo-lr0.0003-schedulerconstant-seed0-mu1-epochs1",
+                                              "sft-lr0.0001-schedulerconstant-seed0-batch_size2-epochs1",
+                                              "sft-lr0.0003-schedulerconstant-seed0-batch_size2-epochs1"]
+    base = results[0]
+    assert base["kl_seq"] == pytest.approx(0.0, abs=1e-5)  # pi0 against the frozen pi0: the uncached branch
+    assert base["kl_truncated"] == 1.0  # random weights never say EOS: every KL sample runs to the cap
+    assert all(r["kl_seq"] > 0 and r["done"] and r["step"] == 2 for r in results[1:])
+    assert all(r["dropped_for_length"]["offline"] > 0 for r in results[1:])  # the 12-copy targets are too long
+    assert not list((tmp_path / "out").glob("kl_cache-*.pt"))[0].stat().st_size > 10**6  # samples only
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["run_id"][:3], r["step"]) for r in log] == [("grp", 1), ("grp", 2)] * 2 + [("sft", 1), ("sft", 2)] * 2
+    assert all(r["response_len"] == 160 and r["truncated"] == 1.0 for r in log if "reward" in r)
+    assert any(r["zero_variance_groups"] < 1 for r in log if "reward" in r)
+    # load_model ran for pi0, then for each of the 4 runs; at each run's start every earlier run's model and
+    # optimizer were gone, and after the sweep all 4 are gone (pi0 stays: it is the uncached KL's reference).
+    assert len(alive) == 5 and len(checks) == 5
+    for k in range(2, 5):
+        assert all(checks[k][2:]), f"run {k - 1}'s model or optimizer was still alive when run {k} started"
+    assert all(ref() is None for pair in alive[1:] for ref in pair)
+    assert not any(checks[k][0] for k in range(2, 5))  # pi0 stayed alive during the sweep: the KL reference
