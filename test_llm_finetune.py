@@ -5,6 +5,8 @@ import json
 import os
 import random
 import weakref
+from datetime import timedelta
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -484,3 +486,209 @@ def test_real_shaped_sweep_frees_each_run_and_survives_the_uncached_kl_and_lengt
         assert all(checks[k][2:]), f"run {k - 1}'s model or optimizer was still alive when run {k} started"
     assert all(ref() is None for pair in alive[1:] for ref in pair)
     assert not any(checks[k][0] for k in range(2, 5))  # pi0 stayed alive during the sweep: the KL reference
+
+
+def test_micro_batches_bound_the_padded_tokens_and_accumulate_to_the_full_batch_gradient(twin):
+    tokenizer, base, path = twin
+    prompts = [L.chat_prompt(tokenizer, f"add: {10 + i}+{i}") for i in range(6)]
+    responses = [L.encode_response(tokenizer, "x" * n) for n in (2, 30, 5, 28, 1, 12)]
+    groups = L.micro_batches(prompts, responses, 100)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert g == sorted(g)
+        batch = L.pack(tokenizer, [prompts[i] for i in g], [responses[i] for i in g])
+        assert batch["input_ids"].numel() <= 100 or len(g) == 1
+    assert {1, 3} in [set(g) for g in groups]  # the two long responses share a micro-batch
+
+    def gradient(method, micro_batch_tokens, examples, monkeypatch_target):
+        model = copy.deepcopy(base)
+        args = args_for(path, "--micro-batch-tokens", str(micro_batch_tokens))
+        grads = []
+        monkeypatch_target.setattr(L, "optimizer_step", lambda *a: grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters()])))
+        L.offline_step(NoAccelerator, model, None, None, tokenizer, examples, args, method)
+        return grads[0]
+
+    examples = [{"prompt": f"add: {10 + i}+{i}", "response": "y" * n, "rejected": "z" * (n + 1)}
+                for i, n in enumerate((2, 30, 5, 28, 1, 12))]
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("sft", "simpo"):  # SFT: the mean over all response tokens; SimPO: over examples
+            whole, split = gradient(method, 10_000, examples, mp), gradient(method, 60, examples, mp)
+            torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_generate_calls_are_sized_by_the_token_budget_and_defaults_fit_the_real_path(twin, monkeypatch):
+    tokenizer, model, path = twin
+    sizes = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = [L.chat_prompt(tokenizer, "copy: abcd")] * 5  # 13 tokens + 7 new = 20 per sequence
+    responses, _ = L.sample(model, tokenizer, prompts, 1, 7, max_tokens=45)
+    assert sizes == [2, 2, 1] and len(responses) == 5
+    real = L.parse_args(["--task", "math"])
+    assert (real.micro_batch_tokens, real.precision, real.gradient_checkpointing) == (4096, "mixed", True)
+    assert (real.max_new_tokens, real.eval_max_tokens, real.max_seq_len) == (1024, 4096, 4096)
+    assert "humaneval_instruct" in real.prior_tasks and "humaneval" not in real.prior_tasks
+    assert real.scale_rewards == "none"
+
+
+def test_old_versions_and_unexpected_loader_errors_say_what_they_are(monkeypatch, capsys, twin, tmp_path):
+    monkeypatch.setattr(L, "version", lambda package: "0.4.9" if package == "lm_eval" else "99.0")
+    with pytest.raises(SystemExit) as caught:
+        L.check_versions()
+    assert "lm_eval 0.4.9 is too old" in caught.value.code and "lm_eval>=0.4.12" in caught.value.code
+    monkeypatch.undo()
+    _, _, path = twin
+
+    def broken(task):
+        raise TypeError("Couldn't cast array of type struct<a: int64> to null\nmore detail")
+
+    monkeypatch.setattr(L, "hub_rows", broken)
+    message = one_line_exit(["--model", str(path), "--task", "tools", "--out", str(tmp_path)], capsys)
+    assert "TypeError: Couldn't cast array" in message and "HF_DATASETS_OFFLINE" not in message
+
+
+# Real-format rows, as the hub sources store them.
+TOOLALPACA_API = {"Name": "Axolotl", "NLDocumentation": "getAxolotlFacts(category, limit): facts.",
+                  "Function_Description": {"getAxolotlFacts": "...", "searchAxolotlImages": "...", "components": {}},
+                  "Instances": [
+                      {"input": "Tell me 3 habitat facts.", "intermediate_steps": [
+                          [["getAxolotlFacts", '{"category": "habitat", "limit": 3}', "Thought..."], "Status 200"],
+                          [["searchAxolotlImages", '{"color": "wild"}', "Thought..."], "Status 200"]]},
+                      {"input": "Broken call.", "intermediate_steps": [
+                          [["getAxolotlFacts", "{category: habitat}", "Thought..."], "Status 400"]]},
+                      {"input": "No steps.", "intermediate_steps": []}]}
+SCIKNOWEVAL_ROWS = [
+    {"question": "Which gas is inert?", "choices": {"label": ["A", "B", "C", "D"], "text": ["O2", "Ar", "H2", "Cl2"]},
+     "answerKey": "B", "details": {"level": "L3"}},
+    {"question": "Broken row", "choices": {"label": [], "text": []}, "answerKey": "A", "details": {"level": "L3"}}]
+ORZ_ROWS = [
+    {"question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}",
+     "responses": ["<think>...</think> so \\boxed{\\frac{2}{4}}", "<think>...</think> so \\boxed{0.75}"]},
+    {"answer": "3"}]  # no question
+
+
+def test_malformed_rows_are_skipped_and_counted_and_each_task_has_negatives():
+    tools, skipped = L.examples_from_rows("tools", [(TOOLALPACA_API, i) for i in TOOLALPACA_API["Instances"]])
+    assert (len(tools), skipped) == (1, 2)
+    assert L.tools_reward(tools[0]["response"], tools[0]["answer"]) == 1.0  # the SFT target is the first call
+    assert L.tools_reward(tools[0]["rejected"], tools[0]["answer"]) == 0.0
+    science, skipped = L.examples_from_rows("science", SCIKNOWEVAL_ROWS)
+    assert (len(science), skipped) == (1, 1)
+    assert "B. Ar" in science[0]["prompt"] and science[0]["response"] == "Answer: B"
+    assert L.science_reward(science[0]["rejected"], "B") == 0.0 and science[0]["rejected"].startswith("Answer: ")
+    math, skipped = L.examples_from_rows("math", ORZ_ROWS)
+    assert (len(math), skipped) == (1, 1)
+    assert math[0]["response"].endswith("\\boxed{0.75}") and math[0]["rejected"].endswith("\\boxed{\\frac{2}{4}}")
+
+
+def test_mixed_precision_keeps_small_updates_that_bf16_weights_swallow(twin):
+    tokenizer, _, path = twin
+    examples = [{"prompt": f"add: {10 + i}+{i}", "response": str(10 + 2 * i)} for i in range(8)]
+    changed = {}
+    for precision in ("mixed", "bf16"):
+        args = args_for(path, "--precision", precision, "--no-gradient-checkpointing")
+        model = L.load_model(args, torch.device("cpu"))
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer, scheduler = make_optimizer(model, 1e-5)
+        L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+        moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
+        changed[precision] = moved / sum(p.numel() for p in model.parameters())
+        with L.autocast(args):
+            logits = L.forward_logits(model, L.pack(tokenizer, [[5, 6, 7]], [[8, 9]]))
+        assert logits.dtype == torch.bfloat16 and next(model.parameters()).dtype == (
+            torch.float32 if precision == "mixed" else torch.bfloat16)
+    assert changed["mixed"] > 0.9 and changed["bf16"] < 0.5, changed
+
+
+def test_humaneval_instruct_is_scored_by_its_own_filter_and_needs_consent(twin, tmp_path, capsys):
+    import lm_eval.tasks
+    folder = Path(lm_eval.tasks.__file__).parent / "humaneval"
+    text = (folder / "humaneval_instruct.yaml").read_text()
+    metric, filter_name = L.PRIMARY_METRIC["humaneval_instruct"].split(",")
+    assert f"name: \"{filter_name}\"" in text and "include: humaneval.yaml" in text
+    inherited = (folder / "humaneval.yaml").read_text()  # code_eval's pass_at_k, k=[1]: "pass@1"
+    assert metric == "pass@1" and "utils.pass_at_k" in inherited and "k: [1]" in inherited
+    _, _, path = twin
+    message = one_line_exit(["--model", str(path), "--prior-tasks", "humaneval_instruct", "--out", str(tmp_path)], capsys)
+    assert "--allow-unsafe-code" in message
+
+
+@pytest.mark.parametrize("scale", ["none", "group"])
+def test_grpo_advantages_follow_scale_rewards(twin, monkeypatch, scale):
+    tokenizer, base, path = twin
+    args = args_for(path, "--group-size", "8", "--max-new-tokens", "3", "--scale-rewards", scale)
+    seen = []
+    real_loss = kl.policy_gradient_loss
+
+    def spy(logprobs, advantages, mask, **kwargs):
+        seen.append(advantages)
+        return real_loss(logprobs, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
+    rewards = iter([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
+    model = copy.deepcopy(base)
+    optimizer, scheduler = make_optimizer(model, 1e-4)
+    L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, [L.chat_prompt(tokenizer, "copy: ab")] * 2,
+              ["ab"] * 2, lambda response, answer: next(rewards), args, "grpo", 1)
+    advantages = torch.cat(seen)
+    expected = torch.tensor([[7 / 8] + [-1 / 8] * 7, [6 / 8] * 2 + [-2 / 8] * 6])
+    if scale == "group":
+        expected = expected / torch.tensor([[0.125 * 7 ** 0.5], [(2 / 8 * 6 / 8) ** 0.5]])
+    assert sorted(advantages.tolist()) == pytest.approx(sorted(expected.flatten().tolist()), abs=1e-5)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers(twin, tmp_path, monkeypatch):
+    _, _, path = twin
+    import accelerate
+    timeouts = []
+
+    class SpyAccelerator(accelerate.Accelerator):
+        def __init__(self, *a, kwargs_handlers=(), **k):
+            timeouts.extend(h.timeout for h in kwargs_handlers)
+            super().__init__(*a, kwargs_handlers=kwargs_handlers, **k)
+
+    monkeypatch.setattr(accelerate, "Accelerator", SpyAccelerator)
+    argv = ["--model", str(path), "--method", "sft", "--lr", "1e-3", "--batch-size", "4", "--sft-examples", "8",
+            "--steps", "4", "--eval-every", "1", "--num-test", "4", "--kl-prompts", "4", "--kl-samples", "1",
+            "--eval-samples", "1", "--max-new-tokens", "4", "--eval-max-tokens", "6", "--prior-tasks", "twin_copy",
+            "--prior-limit", "2"]
+    L.main(argv + ["--out", str(tmp_path / "whole")])
+    assert timeouts == [timedelta(minutes=360)]  # the other processes outwait one evaluation point
+    steps, evaluated, real_step, real_evaluate = [], [], L.offline_step, L.evaluate
+
+    def counting_step(*a):
+        steps.append(1)
+        return real_step(*a)
+
+    def crashing_evaluate(*a):
+        evaluated.append(1)
+        if len(evaluated) == 4:  # base, step 1, step 2, then the crash at step 3's point
+            raise KeyboardInterrupt
+        return real_evaluate(*a)
+
+    monkeypatch.setattr(L, "offline_step", counting_step)
+    monkeypatch.setattr(L, "evaluate", crashing_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(argv + ["--out", str(tmp_path / "split")])
+    assert len(steps) == 3 and list((tmp_path / "split" / "checkpoints").glob("*.pt"))
+    monkeypatch.setattr(L, "evaluate", real_evaluate)
+    L.main(argv + ["--out", str(tmp_path / "split")])
+    assert len(steps) == 3 + 2  # resumed after step 2 (its checkpoint): steps 3 and 4 only
+    assert not list((tmp_path / "split" / "checkpoints").glob("*.pt"))  # removed when the run is done
+
+    def rows(out, name, drop=("wall_s", "settings", "update_s")):
+        return [{k: v for k, v in json.loads(line).items() if k not in drop}
+                for line in (tmp_path / out / name).read_text().splitlines()]
+
+    assert rows("split", "results.jsonl") == rows("whole", "results.jsonl")
+    assert [r["step"] for r in rows("split", "results.jsonl")] == [0, 1, 2, 3, 4]
+    assert rows("split", "train_log.jsonl") == rows("whole", "train_log.jsonl")  # no step lost or logged twice
+    last = json.loads((tmp_path / "whole" / "results.jsonl").read_text().splitlines()[-1])
+    assert last["settings"]["eval_max_tokens"] == 6 and last["settings"]["max_new_tokens"] == 4
+    assert {"truncated", "kl_truncated", "dropped_for_length", "skipped_rows"} <= set(last)
