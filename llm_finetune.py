@@ -13,7 +13,7 @@ and divergence comes from kl.py. Everything around it comes from the field's lib
 
 Three ways to run it (docs/llm_finetune.md has the details):
   Real path (GPUs, hub):  python llm_finetune.py --model Qwen/Qwen2.5-3B-Instruct --task math --method grpo
-  CPU twin (runs here):   python llm_finetune.py --build-twin            # tokenizer + small Qwen2, pretrained
+  CPU twin (any CPU):     python llm_finetune.py --build-twin            # tokenizer + small Qwen2, pretrained
                           python llm_finetune.py --method grpo sft       # sweeps on synthetic addition
                           python llm_finetune.py --plot                  # plots/llm_*.png
   Real shapes, no hub:    python llm_finetune.py --build-random qwen2.5-3b --model runs/llm/qwen-shape
