@@ -1,26 +1,29 @@
-"""GRPO vs SFT on a chat LLM: RL's Razor, §4 and §6 of PAPER.md (arXiv 2509.04259, §4.1 and §5.1).
+"""GRPO vs SFT on a chat LLM: RL's Razor (Shenfeld, Pari, Agrawal, 2025, https://arxiv.org/abs/2509.04259,
+§4.1 and §5.1).
 
 Fine-tune a causal LM on a new task with on-policy RL (GRPO, 1-0 REINFORCE) or offline training
 (SFT, SimPO), and at fixed intervals record: new-task accuracy, the prior-task score (benchmarks
 through lm-evaluation-harness), and the forward KL(pi0 || pi) on new-task prompts. The paper's
 claims: at matched new-task accuracy RL forgets less, and forward KL predicts forgetting.
 
-The update (rollouts, rewards, advantages, losses) is written out in this file; every loss and
-divergence comes from kl.py. Everything around it comes from the field's libraries: transformers
+The update (rollouts, rewards, advantages, losses) is written out in this file (section 4); every loss
+and divergence comes from kl.py. Everything around it comes from the field's libraries: transformers
 (models, generation, chat templates), tokenizers, peft (LoRA), datasets (hub data), lm-eval
-(prior tasks), accelerate (multi-GPU).
+(prior tasks), accelerate (multi-GPU), math-verify (the math checker).
 
-Two ways to run it:
+Three ways to run it (docs/llm_finetune.md has the details):
   Real path (GPUs, hub):  python llm_finetune.py --model Qwen/Qwen2.5-3B-Instruct --task math --method grpo
-  CPU twin (runs here):   python llm_finetune.py --build-twin            # tokenizer + small Qwen2, pretrained
+  CPU twin (any CPU):     python llm_finetune.py --build-twin            # tokenizer + small Qwen2, pretrained
                           python llm_finetune.py --method grpo sft       # sweeps on synthetic addition
                           python llm_finetune.py --plot                  # plots/llm_*.png
-The twin is a small Qwen2-architecture model pretrained here on copy/reverse/sort (its prior tasks,
-scored through lm-eval on local YAML tasks) and on a noisy source of 2-digit additions (the new task,
-so pi0 starts with some skill). Results: one JSON line per evaluation point in runs/llm/results.jsonl;
-rerunning a command resumes (finished runs are skipped, finished points are not written twice).
+  Real shapes, no hub:    python llm_finetune.py --build-random qwen2.5-3b --model runs/llm/qwen-shape
+                          (random weights with Qwen2.5-3B-Instruct's published architecture, for --bench)
+Results: one JSON line per evaluation point in <out>/results.jsonl and one per optimizer step in
+<out>/train_log.jsonl; rerunning a command resumes from each run's last checkpoint (finished runs are
+skipped, finished points and steps are not written twice).
 """
 import argparse
+import gc
 import hashlib
 import itertools
 import json
@@ -29,6 +32,8 @@ import random
 import re
 import sys
 import time
+from datetime import timedelta
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +48,29 @@ import kl
 TASKS = ("addition", "math", "science", "tools")
 METHODS = ("grpo", "reinforce", "sft", "simpo")
 ON_POLICY = ("grpo", "reinforce")
-PAPER_PRIOR_TASKS = "hellaswag,truthfulqa_mc2,mmlu,ifeval,winogrande,humaneval"
+# The paper's six prior benchmarks (§4.1). humaneval_instruct, not humaneval: the completion task scored
+# under a chat template cuts the answer's code fence at its first "\ndef" and scores about 0.
+PAPER_PRIOR_TASKS = "hellaswag,truthfulqa_mc2,mmlu,ifeval,winogrande,humaneval_instruct"
 TWIN_PRIOR_TASKS = "twin_copy,twin_reverse,twin_sort"
-# Learning-rate grids: PAPER.md §6.3 (RL) and §6.4 (SFT, SimPO); the twin is a 0.8M-parameter
+# Learning-rate grids: the paper's Table 2 (RL; SFT, shared by SimPO, §5.1); the twin is a 0.8M-parameter
 # model whose useful learning rates span 3e-5 (slow) to 1e-3 (destructive in 100 steps).
 PAPER_LRS = {"grpo": [1e-5, 2e-5, 3e-5, 4e-5, 5e-5], "reinforce": [1e-5, 3e-5, 5e-5],
              "sft": [1e-5, 3e-5, 5e-5, 7e-5, 9e-5], "simpo": [1e-5, 3e-5, 5e-5]}
 TWIN_LRS = {"grpo": [3e-5, 1e-4, 3e-4, 1e-3], "reinforce": [1e-4, 3e-4], "sft": [3e-5, 1e-4, 3e-4, 1e-3],
             "simpo": [1e-4, 3e-4]}
+# The oldest versions whose APIs this file calls: lm-eval's TaskManager.load (0.4.12), transformers 5's
+# `dtype=` and `logits_to_keep`, accelerate's free_memory.
+VERSION_FLOORS = {"lm_eval": "0.4.12", "transformers": "5.0", "accelerate": "1.0", "math-verify": "0.7",
+                  "peft": "0.17"}
+# Architectures --build-random can build with random weights. "qwen2.5-3b" is Qwen2.5-3B-Instruct's
+# published config.json; "tiny-151k" keeps its vocabulary and tied embeddings at a tiny width (the tests).
+ARCHITECTURES = {
+    "qwen2.5-3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                   "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                   "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6},
+    "tiny-151k": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 4096},
+}
 
 
 def parse_args(argv=None):
@@ -60,11 +80,14 @@ def parse_args(argv=None):
     g.add_argument("--model", default="runs/llm/twin", help="hub id or local directory (the twin by default)")
     g.add_argument("--task", default="addition", help=f"new task, one of {', '.join(TASKS)}")
     g.add_argument("--data-file", help="local JSON/JSONL with prompt/answer[/response/rejected] "
-                   "fields instead of the hub source (schema in README)")
+                   "fields instead of the hub source (schema in docs/llm_finetune.md)")
     g.add_argument("--num-test", type=int, default=200, help="held-out new-task prompts for accuracy")
     g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning (the paper); >0 = peft LoRA")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights (the paper); log-probs stay float32")
-    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--precision", choices=["fp32", "mixed", "bf16"],
+                   help="fp32; mixed = fp32 master weights, bf16 autocast compute; bf16 = bf16 weights, which "
+                   "swallow small updates (default: mixed on the real path, fp32 for the twin)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="default: on for the real path, off for the twin")
     g = p.add_argument_group("method and sweep (each listed value is swept)")
     g.add_argument("--method", nargs="+", default=["grpo"], help=f"any of {', '.join(METHODS)}")
     g.add_argument("--lr", nargs="+", type=float, help="default: the paper's grid, or the twin's")
@@ -80,13 +103,26 @@ def parse_args(argv=None):
     g.add_argument("--mu", nargs="+", type=int, default=[1], help="updates per generation round; "
                    "mu > 1 uses the clipped ratio (paper: {1, 2})")
     g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--scale-rewards", choices=["none", "group"], default="none",
+                   help="GRPO advantage: none = r - mean (Dr. GRPO, the paper's loss type); group = divided "
+                   "by the group's std (TRL's GRPOTrainer default)")
     g.add_argument("--rl-prompts", type=int, help="training prompts for RL (one epoch; paper: all)")
+    g.add_argument("--max-new-tokens", type=int, help="rollout length cap (default 1024, twin 24)")
     g = p.add_argument_group("SFT and SimPO")
     g.add_argument("--batch-size", nargs="+", type=int, help="examples per step (paper {16,32,64,128})")
     g.add_argument("--sft-examples", type=int, help="training examples for SFT/SimPO")
-    g = p.add_argument_group("generation and evaluation")
-    g.add_argument("--max-new-tokens", type=int, help="response length cap (default 1024, twin 24)")
-    g.add_argument("--micro-batch", type=int, default=64, help="sequences per forward pass")
+    g.add_argument("--max-seq-len", type=int, help="prompt + target (SFT) or prompt + rollout (RL) tokens; "
+                   "longer training examples are dropped and counted (default 4096, twin 128)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward pass; "
+                   "sequences are grouped by length (default 4096, twin 8192)")
+    g.add_argument("--generate-tokens", type=int, default=262_144, help="prompt + new tokens per generate() "
+                   "call (the KV cache's size), at most 256 sequences")
+    g.add_argument("--kl-cache-gb", type=float, default=4.0, help="keep pi0's log-probs on disk up to this "
+                   "size; above it they are recomputed from a frozen pi0 at each evaluation")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-max-tokens", type=int, help="length cap of test answers and of pi0's KL samples "
+                   "(default 4096, twin 24)")
     g.add_argument("--eval-every", type=int, help="optimizer steps between evaluation points")
     g.add_argument("--eval-samples", type=int, default=4, help="temperature-1 samples per test prompt")
     g.add_argument("--kl-prompts", type=int, default=128, help="new-task prompts for forward KL")
@@ -97,12 +133,18 @@ def parse_args(argv=None):
     g.add_argument("--no-chat-template", action="store_true", help="score prior tasks without the chat template")
     g.add_argument("--allow-unsafe-code", action="store_true", help="consent to humaneval's code execution")
     g.add_argument("--lm-eval-batch-size", default="64", help="lm-eval batch size; 'auto' finds the largest on a GPU")
+    g.add_argument("--eval-timeout-min", type=int, default=360, help="multi-GPU: how long the other processes "
+                   "wait for the main process's evaluation (the collective timeout; NCCL's default is 10)")
     g = p.add_argument_group("what to do")
     g.add_argument("--build-twin", action="store_true", help="build and pretrain the twin at --model")
     g.add_argument("--twin-steps", type=int, default=3000, help="pretraining steps of the twin")
+    g.add_argument("--build-random", choices=list(ARCHITECTURES), help="save a random-weight model of this "
+                   "architecture (character tokenizer padded to its vocabulary) at --model and exit")
     g.add_argument("--plot", action="store_true", help="draw plots/llm_*.png from the results and exit")
-    g.add_argument("--bench", action="store_true", help="measure rollout and update tokens/s and exit")
-    g.add_argument("--out", default="runs/llm", help="results, caches and generated lm-eval tasks")
+    g.add_argument("--bench", action="store_true", help="time 2 GRPO and 2 SFT steps (peak GPU memory) and exit")
+    g.add_argument("--no-checkpoint", action="store_true", help="do not save the trainable weights and "
+                   "optimizer at each evaluation point (then an interrupted run restarts from step 0)")
+    g.add_argument("--out", default="runs/llm", help="results, logs, checkpoints, caches, lm-eval tasks")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     args = p.parse_args(argv)
 
@@ -119,6 +161,12 @@ def parse_args(argv=None):
     args.group_size = args.group_size or (8 if twin else 64)
     args.warmup_steps = (5 if twin else 50) if args.warmup_steps is None else args.warmup_steps
     args.max_new_tokens = args.max_new_tokens or (24 if twin else 1024)
+    args.eval_max_tokens = args.eval_max_tokens or (24 if twin else 4096)
+    args.max_seq_len = args.max_seq_len or (128 if twin else 4096)
+    args.micro_batch_tokens = args.micro_batch_tokens or (8192 if twin else 4096)
+    args.precision = args.precision or ("fp32" if twin else "mixed")
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = not twin
     args.batch_size = args.batch_size or ([32] if twin else [16, 32, 64, 128])
     args.rl_prompts = args.rl_prompts or (1024 if twin else 4096)
     args.sft_examples = args.sft_examples or (4096 if twin else 100_000)
@@ -127,6 +175,26 @@ def parse_args(argv=None):
     args.prior_limit = args.prior_limit or (100 if twin else None)
     args.lr_grid = {m: args.lr or (TWIN_LRS if twin else PAPER_LRS)[m] for m in METHODS}
     return args
+
+
+def check_versions():
+    """One line naming the package to upgrade when an installed version is older than the file needs."""
+    for package, floor in VERSION_FLOORS.items():
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            continue  # optional here (peft only with --lora-rank); its import error names it
+        have = tuple(int(x) for x in re.findall(r"\d+", installed)[:3])
+        need = tuple(int(x) for x in floor.split("."))
+        if have[:len(need)] < need:
+            sys.exit(f"error: {package} {installed} is too old; llm_finetune.py needs {package}>={floor} "
+                     "(pip install -r requirements-llm.txt)")
+
+
+def autocast(args):
+    """bf16 compute around fp32 master weights for --precision mixed; a no-op otherwise."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "mixed")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,10 +213,13 @@ PRIOR_TWIN_TASKS = ("copy", "reverse", "sort")
 BASE_CORRECT_PROB = 0.5  # fraction of correct sums in the twin's pretraining source (§ "The CPU twin")
 
 
-def build_char_tokenizer():
-    """One token per character plus the chat markers, wrapped as a transformers fast tokenizer."""
+def build_char_tokenizer(vocab_size=None):
+    """One token per character plus the chat markers, wrapped as a transformers fast tokenizer.
+    With vocab_size, filler entries <|x..|> pad the vocabulary to that size (a real LLM's width)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     vocab = {token: i for i, token in enumerate(SPECIAL + CHARS)}
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"<|x{i}|>"] = i
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -157,14 +228,29 @@ def build_char_tokenizer():
                                    unk_token="<|unk|>", chat_template=CHAT_TEMPLATE, padding_side="left")
 
 
-def build_twin_model(tokenizer, seed=0):
-    """A 0.8M-parameter Qwen2 (same code path as Qwen2.5-3B: GQA, RoPE, SwiGLU, RMSNorm)."""
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=None,
+def build_twin_model(tokenizer, seed=0, architecture=None):
+    """A 0.8M-parameter Qwen2 (same code path as Qwen2.5-3B: GQA, RoPE, SwiGLU, RMSNorm), or one of
+    ARCHITECTURES with random weights."""
+    shape = architecture or {"vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 384,
+                             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "max_position_embeddings": 128}
+    config = Qwen2Config(**shape, tie_word_embeddings=True, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
+
+
+def build_random_model(path, name, seed=0):
+    """ARCHITECTURES[name] with random weights and the character tokenizer padded to its vocabulary,
+    saved at `path`: the real model's memory and step time without the hub (its answers are noise, so
+    every response runs to the length cap: the worst case)."""
+    shape = ARCHITECTURES[name]
+    tokenizer = build_char_tokenizer(shape["vocab_size"])
+    model = build_twin_model(tokenizer, seed, shape)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
 
 
 def twin_example(task, rng):
@@ -256,7 +342,7 @@ def pretrain_twin(path, steps, batch_size=64, lr=3e-3, seed=0):
 # 2. New tasks: loaders (hub source or local file) and reward checkers
 # --------------------------------------------------------------------------------------------------
 
-# Public sources (PAPER.md §6.1 leaves the files open; these are the ones we found and chose):
+# Public sources (the paper's §4.1 names the datasets, not the files; these are the ones we chose):
 HUB_SOURCES = {
     # Open-Reasoner-Zero's orz_math_57k, 16k-question subset with up to 5 DeepSeek-R1-0528 traces per
     # question: the paper's SFT recipe (R1 samples filtered for a correct final answer) on public data.
@@ -268,78 +354,59 @@ HUB_SOURCES = {
 }
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 SCIENCE_SUFFIX = "\nAnswer with the letter of the correct option, as 'Answer: X'."
-TOOLS_SUFFIX = ("\nCall the API to serve the request. For each call write one line 'Action: <function>' "
+TOOLS_SUFFIX = ("\nCall the API to serve the request. Write the first call as one line 'Action: <function>' "
                 "and one line 'Action Input: <JSON arguments>'.")
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
-
-
-def normalize_math(answer):
-    """Canonical string for a final answer: no spaces, $, \\left/\\right, text wrappers, or
-    trailing period; \\dfrac/\\tfrac -> \\frac; a plain number as a float string."""
-    s = answer.strip().strip("$").rstrip(".")
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\dfrac", "\\frac"),
-                     ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), (" ", "")):
-        s = s.replace(old, new)
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    frac = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?)(-?\d+)/(-?\d+)", s)
-    try:
-        if frac:
-            value = float(frac.group(2)) / float(frac.group(3)) * (-1 if frac.group(1) else 1)
-        else:
-            value = float(s.replace(",", ""))
-        return f"{value:.6g}"
-    except (ValueError, ZeroDivisionError):
-        return s
-
-
 def math_reward(response, answer):
-    """1 if the final \\boxed{} answer equals the ground truth (the reasoning chain is ignored, §6.1)."""
-    predicted = last_boxed(response)
-    return float(predicted is not None and normalize_math(predicted) == normalize_math(answer))
+    """1 if the response's final \\boxed{} answer is mathematically equal to the ground truth (the chain
+    is ignored, §4.1), by math-verify: the checker of the field's GRPO recipes (open-r1, TRL's examples).
+    It reads `x=5`, `\\$5`, `5\\text{ cm}`, `\\sqrt3` as the values they name and `1,2` as a set."""
+    from math_verify import LatexExtractionConfig, parse, verify
+    gold = parse(f"\\boxed{{{answer}}}", extraction_config=[LatexExtractionConfig()])
+    predicted = parse(response, extraction_config=[LatexExtractionConfig(boxed_match_priority=0,
+                                                                         try_extract_without_anchor=False)],
+                      extraction_mode="first_match")
+    return float(bool(gold) and bool(predicted) and verify(gold, predicted))
+
+
+SCIENCE_ANSWER = re.compile(r"(?i:answer)\s*(?:is\s*)?[:：]?\s*(?:\*\*|\(|\[|\\boxed\{|\s)*([A-J])(?![\w])")
 
 
 def science_reward(response, answer):
-    """1 if the last 'Answer: X' (or a bare letter) names the correct option."""
-    found = re.findall(r"answer\s*(?:is)?\s*[:：]?\s*\(?([A-J])\)?\b", response, flags=re.IGNORECASE)
+    """1 if the last 'Answer: X' (also 'answer is X', bold, bracketed or boxed; X an upper-case option
+    letter, so 'the answer is a mixture' names no option), or a bare letter, is the correct option."""
+    found = SCIENCE_ANSWER.findall(response)
     if not found and re.fullmatch(r"\s*\(?([A-J])\)?\.?\s*", response):
         found = [response.strip(" ().")]
-    return float(bool(found) and found[-1].upper() == answer.strip().upper())
+    return float(bool(found) and found[-1] == answer.strip().upper())
 
 
-def parse_tool_calls(text):
-    """[(function, arguments dict)] from 'Action: f' / 'Action Input: {...}' lines; None if any
-    Action Input is not a JSON object (malformed output)."""
-    calls = []
-    for name, raw in re.findall(r"Action:\s*([\w.\-]+)\s*\n\s*Action Input:\s*(\{.*?\})\s*(?=\n|$)", text, re.S):
-        try:
-            arguments = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(arguments, dict):
-            return None
-        calls.append((name, {k: v for k, v in arguments.items() if v not in ("", None)}))
-    return calls
+def parse_first_tool_call(text):
+    """(function, arguments dict) of the first 'Action: f' / 'Action Input: {...}' pair, the JSON object
+    read up to its own closing brace (it may span lines); None if there is none or it is not a JSON object."""
+    match = re.search(r"Action:\s*([\w.\-]+)\s*\n\s*Action Input:\s*(?:```(?:json)?\s*)?", text)
+    if not match:
+        return None
+    try:
+        arguments, _ = json.JSONDecoder().raw_decode(text[match.end():])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    return match.group(1), {k: v for k, v in arguments.items() if v not in ("", None)}
 
 
 def tools_reward(response, answer):
-    """1 if the called functions and their arguments match the reference calls, in order (§6.1:
-    API calls extracted by regex and matched). Empty-string / null arguments count as absent."""
-    predicted = parse_tool_calls(response)
-    reference = [(c["name"], {k: v for k, v in c["arguments"].items() if v not in ("", None)})
-                 for c in json.loads(answer)]
-    return float(bool(predicted) and predicted == reference)
+    """1 if the response's first API call (function and arguments) equals the reference's first call.
+
+    ToolAlpaca's references are multi-step trajectories whose later calls depend on observations that a
+    single turn never sees, so only the first call is reachable; the paper's §4.1 extracts calls by regex
+    and matches them. Empty-string / null arguments count as absent."""
+    reference = json.loads(answer)
+    predicted = parse_first_tool_call(response)
+    expected = (reference["name"], {k: v for k, v in reference["arguments"].items() if v not in ("", None)})
+    return float(predicted == expected)
 
 
 def addition_reward(response, answer):
@@ -365,55 +432,119 @@ def read_local_examples(path):
     for i, row in enumerate(rows):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answer"), str)):
             sys.exit(f"error: {path} row {i}: each row needs string fields 'prompt' and 'answer' "
-                     "(optional 'response', 'rejected'); see README")
+                     "(optional 'response', 'rejected'); see docs/llm_finetune.md")
     return rows
 
 
-def load_hub_examples(task):
-    """The task's public source as prompt/answer/response rows; one line of advice when offline."""
-    import datasets
-    try:
-        if task == "math":
-            rows = datasets.load_dataset(HUB_SOURCES["math"], split="train")
-            return [{"prompt": r["question"] + MATH_SUFFIX, "answer": r["answer"],
-                     "response": next((t for t in r["responses"] or [] if math_reward(t, r["answer"])), None)}
-                    for r in rows]
-        if task == "science":
-            rows = datasets.load_dataset(HUB_SOURCES["science"], "Chemistry", split="test")
-            rows = [r for r in rows if r["details"]["level"] == "L3" and r["choices"]["text"]]
-            # No public GPT-4o annotations: the SFT target is the bare correct option.
-            return [{"prompt": r["question"] + "\n" + "\n".join(f"{l}. {t}" for l, t in zip(
-                        r["choices"]["label"], r["choices"]["text"])) + SCIENCE_SUFFIX,
-                     "answer": r["answerKey"], "response": f"Answer: {r['answerKey']}"} for r in rows]
-        apis = datasets.load_dataset("json", data_files=HUB_SOURCES["tools"], split="train")
-        return [tool_example(api, instance) for api in apis for instance in api["Instances"] or []
-                if instance.get("intermediate_steps")]
-    except (ConnectionError, OSError, ValueError) as error:
-        sys.exit(f"error: cannot load the {task} dataset ({type(error).__name__}); on a connected machine "
-                 f"run once without HF_DATASETS_OFFLINE to cache {HUB_SOURCES[task]}, or pass --data-file")
+def math_example(row):
+    """An OrzMath row: the first R1 trace with a correct final answer is the SFT target (the paper's
+    recipe, §4.1), the first with a wrong one SimPO's negative (the paper used another model's)."""
+    traces = row["responses"] or []
+    graded = [(trace, math_reward(trace, row["answer"])) for trace in traces]
+    return {"prompt": row["question"] + MATH_SUFFIX, "answer": str(row["answer"]),
+            "response": next((t for t, ok in graded if ok), None),
+            "rejected": next((t for t, ok in graded if not ok), None)}
+
+
+def science_example(row, rng):
+    """A SciKnowEval L3 row: the lettered options in the prompt; SFT target 'Answer: X' (the paper used
+    GPT-4o reasoning annotations, not public); SimPO's negative 'Answer: Y' for a random wrong option."""
+    labels, texts = row["choices"]["label"], row["choices"]["text"]
+    if not texts or len(labels) != len(texts) or row["answerKey"] not in labels:
+        raise ValueError("no options, or the key is not one of them")
+    options = "\n".join(f"{label}. {text}" for label, text in zip(labels, texts))
+    wrong = rng.choice([label for label in labels if label != row["answerKey"]])
+    return {"prompt": row["question"] + "\n" + options + SCIENCE_SUFFIX, "answer": row["answerKey"],
+            "response": f"Answer: {row['answerKey']}", "rejected": f"Answer: {wrong}"}
 
 
 def tool_example(api, instance):
-    """A ToolAlpaca instance as a prompt (API description + request) and its reference calls."""
-    calls = [{"name": step[0][0], "arguments": json.loads(step[0][1] or "{}")}
-             for step in instance["intermediate_steps"]]
-    prompt = f"API: {api['Name']}\n{api['NLDocumentation']}\nRequest: {instance['input']}{TOOLS_SUFFIX}"
-    response = "\n".join(f"Action: {c['name']}\nAction Input: {json.dumps(c['arguments'])}" for c in calls)
-    return {"prompt": prompt, "answer": json.dumps(calls), "response": response}
+    """A ToolAlpaca instance: API description + request; the reference and SFT target are the first call
+    of its trajectory; SimPO's negative is that call with no arguments (or, if it has none, a call to
+    another of the API's functions)."""
+    name, raw_arguments = instance["intermediate_steps"][0][0][:2]
+    arguments = json.loads(raw_arguments or "{}")
+    if not isinstance(arguments, dict):
+        raise ValueError("Action Input is not a JSON object")
+    others = [f for f in (api.get("Function_Description") or {}) if f not in (name, "components")]
+    if arguments:
+        rejected = tool_call_text(name, {})
+    else:
+        rejected = tool_call_text(others[0], {}) if others else None
+    return {"prompt": f"API: {api['Name']}\n{api['NLDocumentation']}\nRequest: {instance['input']}{TOOLS_SUFFIX}",
+            "answer": json.dumps({"name": name, "arguments": arguments}), "response": tool_call_text(name, arguments),
+            "rejected": rejected}
+
+
+def tool_call_text(name, arguments):
+    return f"Action: {name}\nAction Input: {json.dumps(arguments)}"
+
+
+def hub_rows(task):
+    """The task's raw public rows (the only function that touches the network or the datasets cache)."""
+    import datasets
+    if task == "math":
+        return list(datasets.load_dataset(HUB_SOURCES["math"], split="train"))
+    if task == "science":
+        rows = datasets.load_dataset(HUB_SOURCES["science"], "Chemistry", split="test")
+        return [r for r in rows if (r.get("details") or {}).get("level") == "L3"]
+    # ToolAlpaca's JSON is read with json, not datasets' Arrow schema inference (which fails on its
+    # mixed-type fields); cached_path downloads once into the datasets cache and works offline after.
+    from datasets.utils.file_utils import cached_path
+    apis = json.loads(Path(cached_path(HUB_SOURCES["tools"])).read_text())
+    return [(api, instance) for api in apis for instance in api.get("Instances") or []]
+
+
+def examples_from_rows(task, rows):
+    """Prompt/answer/response/rejected examples from raw rows; a malformed row is skipped and counted."""
+    rng = random.Random(0)
+    examples, skipped = [], 0
+    for row in rows:
+        try:
+            if task == "math":
+                examples.append(math_example(row))
+            elif task == "science":
+                examples.append(science_example(row, rng))
+            else:
+                examples.append(tool_example(*row))
+        except (KeyError, IndexError, TypeError, ValueError):  # JSONDecodeError is a ValueError
+            skipped += 1
+    return examples, skipped
+
+
+def load_hub_examples(task):
+    """The task's public source as examples; one line of advice when the data is not reachable."""
+    try:
+        rows = hub_rows(task)
+    except (ConnectionError, FileNotFoundError) as error:
+        sys.exit(f"error: cannot load the {task} dataset ({type(error).__name__}); on a connected machine run "
+                 f"once without HF_DATASETS_OFFLINE to cache {HUB_SOURCES[task]}, or pass --data-file")
+    except Exception as error:  # noqa: BLE001 (datasets raises many types; say which one it was)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        sys.exit(f"error: cannot load the {task} dataset {HUB_SOURCES[task]}: {type(error).__name__}: "
+                 f"{first_line[:300]} (offline: run once on a connected machine; or pass --data-file)")
+    examples, skipped = examples_from_rows(task, rows)
+    print(f"{task}: {len(examples)} examples from {HUB_SOURCES[task]}, {skipped} malformed rows skipped")
+    return examples, skipped
 
 
 def load_new_task(args):
-    """(train, test, kl_prompts) example lists for the chosen task."""
+    """(train, test, kl_prompts, skipped rows) for the chosen task."""
     rng = random.Random(1234)
     if args.task == "addition" and not args.data_file:
-        return twin_new_task(max(args.rl_prompts, args.sft_examples), args.num_test, args.kl_prompts, rng)
-    rows = read_local_examples(args.data_file) if args.data_file else load_hub_examples(args.task)
+        train, test, kl_prompts = twin_new_task(max(args.rl_prompts, args.sft_examples), args.num_test,
+                                                args.kl_prompts, rng)
+        return train, test, kl_prompts, 0
+    if args.data_file:
+        rows, skipped = read_local_examples(args.data_file), 0
+    else:
+        rows, skipped = load_hub_examples(args.task)
     rng.shuffle(rows)
     held_out = args.num_test + args.kl_prompts
     if len(rows) <= held_out:
         sys.exit(f"error: {len(rows)} examples are too few for --num-test {args.num_test} "
                  f"+ --kl-prompts {args.kl_prompts}")
-    return rows[held_out:], rows[:args.num_test], rows[args.num_test:held_out]
+    return rows[held_out:], rows[:args.num_test], rows[args.num_test:held_out], skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,6 +556,11 @@ def chat_prompt(tokenizer, text):
     """Token ids of a one-turn chat prompt ending with the assistant header."""
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False)
+
+
+def encode_response(tokenizer, text):
+    """Token ids of a target response, EOS included."""
+    return tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
 
 
 def pack(tokenizer, prompts, responses):
@@ -444,14 +580,32 @@ def pack(tokenizer, prompts, responses):
             "response_ids": ids[:, prompt_len:], "response_mask": attention[:, prompt_len:]}
 
 
+def micro_batches(prompts, responses, max_tokens):
+    """Index lists whose packed batches hold at most max_tokens padded tokens each (one sequence
+    alone may exceed it). Sequences are grouped by length, longest first, so padding stays small;
+    inside a group the original order is kept."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]), reverse=True)
+    groups, current, widths = [], [], (0, 0)
+    for i in order:
+        grown = (max(widths[0], len(prompts[i])), max(widths[1], len(responses[i]), 1))
+        if current and (len(current) + 1) * sum(grown) > max_tokens:
+            groups.append(sorted(current))
+            current, grown = [], (len(prompts[i]), max(len(responses[i]), 1))
+        current.append(i)
+        widths = grown
+    groups.append(sorted(current))
+    return groups
+
+
 def forward_logits(model, batch):
-    """Logits predicting each response token, [B, T_response, V]. Position ids follow the attention
-    mask, as in generate(), so left padding does not shift RoPE."""
+    """Logits predicting each response token, [B, T_response, V], computed only at those positions
+    (logits_to_keep: the prompt's positions never reach the vocabulary projection). Position ids
+    follow the attention mask, as in generate(), so left padding does not shift RoPE."""
     device = next(model.parameters()).device
+    response_len = batch["response_ids"].shape[1]
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), use_cache=False)
-    start = batch["prompt_len"] - 1
-    return out.logits[:, start:start + batch["response_ids"].shape[1]]
+                position_ids=batch["position_ids"].to(device), use_cache=False, logits_to_keep=response_len + 1)
+    return out.logits[:, :-1]
 
 
 def response_logprobs(model, batch):
@@ -473,16 +627,18 @@ def cut_at_eos(tokens, eos_id, pad_id):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, num_samples, max_new_tokens, greedy=False, batch_size=256):
+def sample(model, tokenizer, prompts, num_samples, max_new_tokens, greedy=False, max_tokens=262_144):
     """Responses (token id lists) from the raw policy: temperature 1, no top-k / top-p / repetition
     penalty, whatever the model's generation_config says (Qwen2.5-Instruct ships top_p 0.8, top_k 20,
-    T 0.7, repetition penalty 1.05: those would not sample pi). KV-cached generate(), a whole group
-    per call. Returns (responses in prompt-major order, fraction truncated at max_new_tokens)."""
+    T 0.7, repetition penalty 1.05: those would not sample pi). KV-cached generate(), at most 256
+    sequences and max_tokens prompt + new tokens (the KV cache's size) per call.
+    Returns (responses in prompt-major order, fraction truncated at max_new_tokens)."""
     flat = [p for p in prompts for _ in range(num_samples)]
+    rows = max(1, min(256, max_tokens // (max(map(len, prompts)) + max_new_tokens)))
     device = next(model.parameters()).device
     responses, truncated = [], 0
-    for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
+    for start in range(0, len(flat), rows):
+        chunk = flat[start:start + rows]
         batch = tokenizer.pad({"input_ids": chunk}, padding=True, return_tensors="pt").to(device)
         raw = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy, repetition_penalty=1.0,
@@ -506,64 +662,86 @@ def decode(tokenizer, response):
 def rl_step(accelerator, model, optimizer, scheduler, tokenizer, prompts, answers, reward_fn, args, method, mu):
     """One generation round of GRPO (Dr. GRPO) or 1-0 REINFORCE, then mu optimizer steps on it.
 
-    PAPER.md §6.3: group of G completions per prompt, binary reward, no KL penalty. Dr. GRPO
-    (Liu et al., 2025): advantage r - mean_G(r) without the std division, token terms summed and
-    divided by a constant (batch x max_new_tokens). 1-0 REINFORCE (§4): advantage = reward. With
-    mu > 1 the later steps reuse the samples through the clipped ratio to the sampling policy.
+    The paper's Table 2: group of G completions per prompt, binary reward, no KL penalty, loss type
+    Dr. GRPO (Liu et al., 2025): token terms summed and divided by a constant (batch x max_new_tokens),
+    advantage r - mean_G(r) (--scale-rewards group divides by the group's std, as TRL does by default).
+    1-0 REINFORCE (§5.1): advantage = reward. With mu > 1 the later steps reuse the samples through
+    the clipped ratio to the sampling policy.
     """
     model.eval()
     started = time.perf_counter()
-    responses, _ = sample(accelerator.unwrap_model(model), tokenizer, prompts, args.group_size, args.max_new_tokens)
+    with autocast(args):
+        responses, truncated = sample(accelerator.unwrap_model(model), tokenizer, prompts, args.group_size,
+                                      args.max_new_tokens, max_tokens=args.generate_tokens)
     rollout_s = time.perf_counter() - started
     rewards = torch.tensor([reward_fn(decode(tokenizer, r), answers[i // args.group_size])
                             for i, r in enumerate(responses)]).view(len(prompts), args.group_size)
     if method == "grpo":
-        advantages = kl.group_advantages(rewards, normalize_std=False).flatten()
+        advantages = kl.group_advantages(rewards, normalize_std=args.scale_rewards == "group").flatten()
     else:
         advantages = kl.reinforce_advantages(rewards).flatten()
     flat_prompts = [p for p in prompts for _ in range(args.group_size)]
-    chunks = [range(s, min(s + args.micro_batch, len(responses))) for s in range(0, len(responses), args.micro_batch)]
-    batches = [pack(tokenizer, [flat_prompts[i] for i in c], [responses[i] for i in c]) for c in chunks]
+    groups = micro_batches(flat_prompts, responses, args.micro_batch_tokens)
+    batches = [pack(tokenizer, [flat_prompts[i] for i in g], [responses[i] for i in g]) for g in groups]
     old_logprobs = None
     if mu > 1:  # log-probs of the policy that sampled, for the clipped ratio of the later iterations
-        with torch.no_grad():
+        with torch.no_grad(), autocast(args):
             old_logprobs = [response_logprobs(model, b) for b in batches]
     model.train()
-    for _ in range(mu):
-        for k, (chunk, batch) in enumerate(zip(chunks, batches)):
-            logprobs = response_logprobs(model, batch)
-            loss = kl.policy_gradient_loss(
-                logprobs, advantages[list(chunk)].to(logprobs.device), batch["response_mask"].to(logprobs.device),
-                old_logprobs=None if old_logprobs is None else old_logprobs[k], clip_eps=args.clip_eps,
-                aggregation="constant", max_tokens=args.max_new_tokens)
-            accelerator.backward(loss * len(chunk) / len(responses))  # micro-batches sum to the batch loss
-        optimizer_step(accelerator, model, optimizer, scheduler)
-    return {"reward": rewards.mean().item(), "rollout_s": rollout_s,
-            "update_s": time.perf_counter() - started - rollout_s, "generated_tokens": sum(map(len, responses)),
+    clipped, kl_to_sampler = [], []
+    for iteration in range(mu):
+        for k, (group, batch) in enumerate(zip(groups, batches)):
+            with autocast(args):
+                logprobs = response_logprobs(model, batch)
+            mask = batch["response_mask"].to(logprobs.device)
+            old = None if old_logprobs is None else old_logprobs[k]
+            loss = kl.policy_gradient_loss(logprobs, advantages[group].to(logprobs.device), mask, old_logprobs=old,
+                                           clip_eps=args.clip_eps, aggregation="constant",
+                                           max_tokens=args.max_new_tokens)
+            accelerator.backward(loss * len(group) / len(responses))  # micro-batches sum to the batch loss
+            if iteration > 0:  # how far the policy moved from the sampler, on its own tokens
+                log_ratio = (logprobs - old).detach()
+                clipped.append(((log_ratio.exp() - 1).abs() > args.clip_eps)[mask.bool()].float().mean().item())
+                kl_to_sampler.append(kl.kl_estimators(old, logprobs.detach(), mask)["k3"].mean().item())
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler)
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+    return {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+            "zero_variance_groups": (rewards.std(-1, correction=0) == 0).float().mean().item(),
+            "response_len": lengths.mean().item(), "truncated": truncated, "grad_norm": grad_norm,
+            "clip_fraction": float(np.mean(clipped)) if clipped else None,
+            "kl_to_sampler_k3": float(np.mean(kl_to_sampler)) if kl_to_sampler else None,
+            "rollout_s": rollout_s, "update_s": time.perf_counter() - started - rollout_s,
+            "generated_tokens": sum(map(len, responses)),
             "update_tokens": mu * sum(int(b["attention_mask"].sum()) for b in batches)}
 
 
 def offline_step(accelerator, model, optimizer, scheduler, tokenizer, examples, args, method):
-    """One optimizer step of SFT (cross-entropy on the reference response, prompt masked) or SimPO
-    (chosen = reference response, rejected = the example's negative; sequence log-probs, margin 1)."""
+    """One optimizer step of SFT (cross-entropy on the reference response, prompt masked, averaged over
+    the step's response tokens) or SimPO (chosen = reference response, rejected = the example's
+    negative; sequence log-probs, margin 1, averaged over examples)."""
     model.train()
     prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
-    encode = lambda text: tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]  # noqa: E731
-    tokens = 0
-    for start in range(0, len(examples), args.micro_batch):
-        part = slice(start, start + args.micro_batch)
-        chosen = pack(tokenizer, prompts[part], [encode(ex["response"]) for ex in examples[part]])
-        weight = len(prompts[part]) / len(examples)
-        if method == "sft":
-            loss = sft_batch_loss(model, chosen)
-        else:
-            rejected = pack(tokenizer, prompts[part], [encode(ex["rejected"]) for ex in examples[part]])
-            loss = kl.simpo_loss(sequence_logprob(model, chosen), sequence_logprob(model, rejected))
-            tokens += int(rejected["attention_mask"].sum())
+    chosen_ids = [encode_response(tokenizer, ex["response"]) for ex in examples]
+    response_tokens = sum(map(len, chosen_ids))
+    started, tokens, total_loss = time.perf_counter(), 0, 0.0
+    for group in micro_batches(prompts, chosen_ids, args.micro_batch_tokens):
+        chosen = pack(tokenizer, [prompts[i] for i in group], [chosen_ids[i] for i in group])
+        with autocast(args):
+            if method == "sft":
+                loss = sft_batch_loss(model, chosen)
+                weight = int(chosen["response_mask"].sum()) / response_tokens
+            else:
+                rejected = pack(tokenizer, [prompts[i] for i in group],
+                                [encode_response(tokenizer, examples[i]["rejected"]) for i in group])
+                loss = kl.simpo_loss(sequence_logprob(model, chosen), sequence_logprob(model, rejected))
+                weight = len(group) / len(examples)
+                tokens += int(rejected["attention_mask"].sum())
         accelerator.backward(loss * weight)
+        total_loss += loss.item() * weight
         tokens += int(chosen["attention_mask"].sum())
-    optimizer_step(accelerator, model, optimizer, scheduler)
-    return {"loss": loss.item(), "update_tokens": tokens}
+    grad_norm = optimizer_step(accelerator, model, optimizer, scheduler)
+    return {"loss": total_loss, "grad_norm": grad_norm, "update_tokens": tokens,
+            "update_s": time.perf_counter() - started}
 
 
 def sequence_logprob(model, batch):
@@ -579,11 +757,13 @@ def sft_batch_loss(model, batch):
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler):
-    """AdamW step with max grad norm 1 (PAPER.md §6.3-6.4), then the LR schedule."""
-    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    """AdamW step with max grad norm 1 (the paper's Table 2), then the LR schedule. Returns the
+    gradient norm before clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,85 +774,120 @@ def optimizer_step(accelerator, model, optimizer, scheduler):
 @torch.no_grad()
 def new_task_accuracy(model, tokenizer, test, reward_fn, args, seed):
     """Mean reward of temperature-1 samples (the policy itself; the RL objective) and of greedy
-    decoding, on held-out prompts. Sampling runs on its own seed and leaves the training RNG alone."""
+    decoding, on held-out prompts, up to --eval-max-tokens (longer than rollouts: a cut answer scores 0,
+    and SFT on long traces writes long answers). Sampling runs on its own seed."""
     model.eval()
     prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in test]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        sampled, truncated = sample(model, tokenizer, prompts, args.eval_samples, args.max_new_tokens)
-    greedy, _ = sample(model, tokenizer, prompts, 1, args.max_new_tokens, greedy=True)
-    score = lambda responses, k: float(np.mean([reward_fn(decode(tokenizer, r), test[i // k]["answer"])  # noqa: E731
-                                               for i, r in enumerate(responses)]))
+        sampled, truncated = sample(model, tokenizer, prompts, args.eval_samples, args.eval_max_tokens,
+                                    max_tokens=args.generate_tokens)
+    greedy, greedy_truncated = sample(model, tokenizer, prompts, 1, args.eval_max_tokens, greedy=True,
+                                      max_tokens=args.generate_tokens)
+
+    def score(responses, per_prompt):
+        return float(np.mean([reward_fn(decode(tokenizer, r), test[i // per_prompt]["answer"])
+                              for i, r in enumerate(responses)]))
+
     return {"new_task_acc": score(sampled, args.eval_samples), "new_task_acc_greedy": score(greedy, 1),
-            "truncated": truncated}
+            "truncated": truncated, "truncated_greedy": greedy_truncated}
 
 
 class BaseSamples:
-    """pi0's responses on the KL prompts and pi0's log-probs over the whole vocabulary at every
-    response position (PAPER.md §6.6): sampled once at temperature 1 with no truncation of the
-    distribution, cached on disk, so each evaluation costs one teacher-forced forward of pi.
+    """pi0's responses on the KL prompts, sampled once at temperature 1 with no truncation of the
+    distribution, and pi0's log-probs over the whole vocabulary at every response position.
 
-    When the cache would exceed `max_gb` (a 150k-token vocabulary makes it ~0.6 MB per token), pi0's
-    log-probs are recomputed at each evaluation instead, from a frozen copy of pi0 (or, with LoRA,
-    from the same model with its adapter disabled): same numbers, one more forward.
+    The paper does not say how its LLM KL was computed; this is our estimator (docs/llm_finetune.md).
+    pi0's log-probs are cached on disk when they fit in --kl-cache-gb (a 152k-token vocabulary makes
+    them ~0.6 MB per response token, so only short responses fit); otherwise they are recomputed at
+    each evaluation from a frozen pi0 kept on the CPU between evaluations (or, with LoRA, from the same
+    model with its adapter disabled): same numbers, one more forward.
     """
 
-    def __init__(self, model, tokenizer, examples, args, path, max_gb=4.0, seed=0):
-        self.tokenizer, self.micro_batch = tokenizer, args.micro_batch
+    def __init__(self, model, tokenizer, examples, args, path, seed=0):
+        self.tokenizer, self.args, self.reference = tokenizer, args, None
         if path.exists():
             cached = torch.load(path)
-            self.batches, self.truncated = cached["batches"], cached["truncated"]
-            self.base_logprobs = cached["logprobs"]
-            return
-        prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            responses, self.truncated = sample(model, tokenizer, prompts, args.kl_samples, args.max_new_tokens)
-        flat = [p for p in prompts for _ in range(args.kl_samples)]
-        self.batches = [pack(tokenizer, flat[s:s + self.micro_batch], responses[s:s + self.micro_batch])
-                        for s in range(0, len(flat), self.micro_batch)]
-        size_gb = sum(b["response_ids"].numel() for b in self.batches) * model.config.vocab_size * 4 / 1e9
-        self.base_logprobs = None
-        if size_gb <= max_gb:
-            self.base_logprobs = [self._logprobs(model, b) for b in self.batches]
-        torch.save({"batches": self.batches, "truncated": self.truncated, "logprobs": self.base_logprobs}, path)
+            self.prompts, self.responses = cached["prompts"], cached["responses"]
+            self.truncated, self.base_logprobs = cached["truncated"], cached["logprobs"]
+        else:
+            prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+            with torch.random.fork_rng(), autocast(args):
+                torch.manual_seed(seed)
+                self.responses, self.truncated = sample(model, tokenizer, prompts, args.kl_samples,
+                                                        args.eval_max_tokens, max_tokens=args.generate_tokens)
+            self.prompts = [p for p in prompts for _ in range(args.kl_samples)]
+            self.base_logprobs = None
+            size_gb = sum(map(len, self.responses)) * model.config.vocab_size * 4 / 1e9
+            if size_gb <= args.kl_cache_gb:
+                self.base_logprobs = [None] * len(self.responses)
+                for group, batch in self.batches():
+                    with autocast(args):
+                        rows = self.position_logprobs(model, batch).cpu()
+                    for i, part in zip(group, rows.split([len(self.responses[i]) for i in group])):
+                        self.base_logprobs[i] = part
+            torch.save({"prompts": self.prompts, "responses": self.responses, "truncated": self.truncated,
+                        "logprobs": self.base_logprobs}, path)
+        if self.base_logprobs is None and not hasattr(model, "disable_adapter"):
+            self.reference = model
+
+    def batches(self):
+        for group in micro_batches(self.prompts, self.responses, self.args.micro_batch_tokens):
+            yield group, pack(self.tokenizer, [self.prompts[i] for i in group], [self.responses[i] for i in group])
 
     @staticmethod
     @torch.no_grad()
-    def _logprobs(model, batch):
+    def position_logprobs(model, batch):
+        """log pi(. | x, y_<t) in float32 at the batch's real response positions only, [N, V]: the one
+        log-softmax per model that the exact KL, k1 and k3 share."""
         model.eval()
-        return torch.log_softmax(forward_logits(model, batch).float(), -1).cpu()
+        logits = forward_logits(model, batch)
+        return torch.log_softmax(logits[batch["response_mask"].bool().to(logits.device)].float(), -1)
 
     @torch.no_grad()
-    def forward_kl(self, model, reference=None):
+    def forward_kl(self, model, chunk=1024):
         """Forward KL(pi0 || pi) per sequence (sum over tokens, primary) and per token, exact over the
-        vocabulary (kl.sequence_forward_kl), plus the k1 and k3 Monte-Carlo estimates from the sampled
-        tokens (kl.kl_estimators) as a check: all are unbiased for the same quantity."""
-        model.eval()
+        vocabulary (kl.forward_kl, `chunk` positions at a time), plus the k1 and k3 Monte-Carlo estimates
+        from the sampled tokens (kl.kl_estimators) as a check: all are unbiased for the same quantity."""
+        device = next(model.parameters()).device
+        offload = self.reference is not None and self.reference is not model
+        if offload:
+            self.reference.to(device)
         totals = {"kl_seq": [], "kl_token": [], "k1_seq": [], "k3_seq": []}
-        for i, batch in enumerate(self.batches):
-            logits = forward_logits(model, batch).float()
+        for group, batch in self.batches():
+            logp = self.position_logprobs(model, batch)
             if self.base_logprobs is not None:
-                base = self.base_logprobs[i].to(logits.device)
-            elif hasattr(model, "disable_adapter"):
-                with model.disable_adapter():
-                    base = forward_logits(model, batch).float()
+                base = torch.cat([self.base_logprobs[i] for i in group]).to(device)
+            elif self.reference is not None:
+                base = self.position_logprobs(self.reference, batch)
             else:
-                base = forward_logits(reference, batch).float()
-            mask, tokens = batch["response_mask"].to(logits.device), batch["response_ids"].to(logits.device)
-            exact = kl.sequence_forward_kl(base, logits, mask)
-            estimates = kl.kl_estimators(kl.token_logprobs(base, tokens), kl.token_logprobs(logits, tokens), mask)
-            totals["kl_seq"] += exact["sum"].tolist()
-            totals["kl_token"] += exact["mean"].tolist()
+                with model.disable_adapter():
+                    base = self.position_logprobs(model, batch)
+            mask = batch["response_mask"].bool().to(device)
+            tokens = batch["response_ids"].to(device)[mask].unsqueeze(-1)
+            exact = torch.zeros(len(logp), device=device)
+            for start in range(0, len(logp), chunk):  # bounds the float32 copies inside kl.forward_kl
+                exact[start:start + chunk] = kl.forward_kl(base[start:start + chunk], logp[start:start + chunk])
+            per_position = {name: torch.zeros(mask.shape, device=device) for name in ("exact", "base", "policy")}
+            per_position["exact"][mask] = exact
+            per_position["base"][mask] = base.gather(-1, tokens).squeeze(-1)
+            per_position["policy"][mask] = logp.gather(-1, tokens).squeeze(-1)
+            estimates = kl.kl_estimators(per_position["base"], per_position["policy"], mask)
+            sequence_kl = per_position["exact"].sum(-1)
+            totals["kl_seq"] += sequence_kl.tolist()
+            totals["kl_token"] += (sequence_kl / mask.sum(-1).clamp(min=1)).tolist()
             totals["k1_seq"] += estimates["k1"].tolist()
             totals["k3_seq"] += estimates["k3"].tolist()
+        if offload:
+            self.reference.to("cpu")
         return {name: float(np.mean(values)) for name, values in totals.items()}
 
 
-# The score each benchmark contributes to the prior-task average (PAPER.md §6.2 leaves them open).
+# The score each benchmark contributes to the prior-task average (the paper's §4.1 names the benchmarks,
+# not their metrics).
 PRIMARY_METRIC = {"hellaswag": "acc_norm,none", "truthfulqa_mc2": "acc,none", "mmlu": "acc,none",
                   "ifeval": "prompt_level_strict_acc,none", "winogrande": "acc,none",
-                  "humaneval": "pass@1,create_test"}
+                  "humaneval": "pass@1,create_test", "humaneval_instruct": "pass@1,create_test"}
 
 
 def write_twin_prior_tasks(directory, num_examples=200, seed=7):
@@ -724,17 +939,21 @@ class PriorTasks:
         ifeval_modules = ("langdetect", "immutabledict")
         if "ifeval" in args.prior_tasks and not all(importlib.util.find_spec(m) for m in ifeval_modules):
             sys.exit("error: ifeval needs `pip install langdetect immutabledict` (or drop it from --prior-tasks)")
-        if "humaneval" in args.prior_tasks:
+        if any(task.startswith("humaneval") for task in args.prior_tasks):
             if not args.allow_unsafe_code:
                 sys.exit("error: humaneval executes model-written code: pass --allow-unsafe-code to consent, "
                          "or drop it from --prior-tasks")
             os.environ["HF_ALLOW_CODE_EVAL"] = "1"
         try:  # fetch (or find in the cache) every task's data now, not after an hour of training
             self.manager.load(args.prior_tasks)
-        except Exception as error:  # noqa: BLE001 (datasets raises many types when offline)
+        except (ConnectionError, FileNotFoundError) as error:
             sys.exit(f"error: lm-eval could not load {','.join(args.prior_tasks)} ({type(error).__name__}); "
                      f"on a connected machine run `lm-eval run --model hf --model_args pretrained={args.model} "
                      f"--tasks {','.join(args.prior_tasks)} --limit 1` once to cache their data, then rerun")
+        except Exception as error:  # noqa: BLE001 (anything else is not missing data: say what it is)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            sys.exit(f"error: lm-eval could not load {','.join(args.prior_tasks)}: {type(error).__name__}: "
+                     f"{first_line[:300]}")
 
     def scores(self, model, tokenizer):
         from lm_eval import simple_evaluate
@@ -780,9 +999,11 @@ def load_tokenizer(name):
 
 
 def load_model(args, device):
-    """pi0 from --model: float32 (or bf16), optional gradient checkpointing and LoRA (peft)."""
+    """pi0 from --model: fp32 weights (also under --precision mixed) or bf16, optional gradient
+    checkpointing and LoRA (peft)."""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     except OSError:
         sys.exit(f"error: cannot load model weights from {args.model!r}")
     if args.gradient_checkpointing:
@@ -814,58 +1035,129 @@ def model_fingerprint(name):
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]
 
 
-def read_results(path):
+def run_settings(args):
+    """The settings stored with every result row (everything that shapes a number)."""
+    skip = ("build_twin", "twin_steps", "build_random", "plot", "bench", "out", "threads", "lr_grid")
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def append_result(path, record):
+def append_jsonl(path, record):
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate(model, tokenizer, test, reward_fn, base_samples, prior, args, reference=None):
+def evaluate(model, tokenizer, test, reward_fn, base_samples, prior, args):
     """One evaluation point. Every random state is restored afterwards (lm-eval reseeds torch, numpy
     and random), so training draws the same numbers whether a point is evaluated or skipped on resume."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), autocast(args):
         point = new_task_accuracy(model, tokenizer, test, reward_fn, args, seed=10_000)
-        point.update(base_samples.forward_kl(model, reference))
+        point.update(base_samples.forward_kl(model))
         point.update(prior.scores(model, tokenizer))
     random.setstate(python_state)
     np.random.set_state(numpy_state)
+    point["kl_truncated"] = base_samples.truncated
     return point
 
 
+def training_data(train, tokenizer, args):
+    """RL prompts and SFT/SimPO examples within --max-seq-len, and how many were dropped for length
+    (prompt + max_new_tokens for RL; prompt + target, and prompt + rejected, for SFT/SimPO)."""
+    rl, offline, dropped = [], [], {"rl": 0, "offline": 0}
+    for ex in train[:max(args.rl_prompts, args.sft_examples) * 2]:
+        prompt_len = len(chat_prompt(tokenizer, ex["prompt"]))
+        if prompt_len + args.max_new_tokens <= args.max_seq_len:
+            rl.append(ex)
+        else:
+            dropped["rl"] += 1
+        if ex.get("response"):
+            longest = max(len(encode_response(tokenizer, ex[k])) for k in ("response", "rejected") if ex.get(k))
+            if prompt_len + longest <= args.max_seq_len:
+                offline.append(ex)
+            else:
+                dropped["offline"] += 1
+    return rl, offline, dropped
+
+
+def checkpoint_path(args, run_id):
+    return Path(args.out) / "checkpoints" / f"{args.task}-{model_fingerprint(args.model)}-{run_id}.pt"
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step, progress):
+    """The trainable weights (the adapter only, for LoRA), optimizer, schedule and RNG at `step`; written
+    to a temporary file and renamed, so an interruption never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress,
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    """Restore what save_checkpoint wrote; returns (step, progress)."""
+    state = torch.load(path, weights_only=False)
+    missing = set(state["model"]) - {name for name, _ in model.named_parameters()}
+    if missing:
+        sys.exit(f"error: checkpoint {path} does not fit this model ({len(missing)} unknown tensors); delete it")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["progress"]
+
+
 def train_run(run_id, config, context, args):
-    """Fine-tune a fresh copy of pi0 with one configuration, evaluating every --eval-every steps.
-    Same seed, same numbers: an interrupted run restarts from step 0 and skips the points it has."""
-    accelerator, tokenizer, train, test, reward_fn, base_samples, prior, results_path, done_steps, reference = context
+    """Fine-tune a fresh copy of pi0 with one configuration, evaluating every --eval-every steps and
+    saving a checkpoint there; an interrupted run resumes from its last checkpoint (same numbers)."""
+    accelerator, tokenizer, data, test, reward_fn, base_samples, prior, out = context
     method, mu = config["method"], config.get("mu", 1)
+    results_path, log_path, ckpt = out / "results.jsonl", out / "train_log.jsonl", checkpoint_path(args, run_id)
+    fingerprint = model_fingerprint(args.model)
+    done_steps = {r["step"] for r in read_jsonl(results_path) if r["run_id"] == run_id
+                  and r.get("fingerprint") == fingerprint and r["task"] == args.task}
+    logged_steps = {r["step"] for r in read_jsonl(log_path) if r["run_id"] == run_id
+                    and r.get("fingerprint") == fingerprint and r["task"] == args.task}
     random.seed(config["seed"])
     torch.manual_seed(config["seed"] + accelerator.process_index)
     model = load_model(args, accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"], weight_decay=0.0)
     if method in ON_POLICY:
         per_step = args.prompts_per_step * accelerator.num_processes
-        examples = random.sample(train, min(args.rl_prompts, len(train)))
+        examples = random.sample(data["rl"], min(args.rl_prompts, len(data["rl"])))
         total_steps = args.steps or config["epochs"] * len(examples) // per_step
     else:
-        examples = [ex for ex in train if ex.get("response") and (method == "sft" or ex.get("rejected"))]
+        examples = [ex for ex in data["offline"] if method == "sft" or ex.get("rejected")][:args.sft_examples]
         if not examples:
             sys.exit(f"error: {method} needs a 'response'{' and a rejected' if method == 'simpo' else ''} field "
-                     "in the training data (pass --data-file with them; README)")
-        examples = examples[:args.sft_examples]
+                     f"within --max-seq-len {args.max_seq_len} in the training data (pass --data-file with them)")
         per_step = config["batch_size"] * accelerator.num_processes
         total_steps = args.steps or config["epochs"] * len(examples) // per_step
     if config["scheduler"] == "constant":
         scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
     else:
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    resumed, progress = 0, {"rollout": 0, "update": 0, "wall_s": 0.0}
+    if ckpt.exists() and not args.no_checkpoint:
+        resumed, progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
     # The scheduler stays unprepared: accelerate would step it once per process, and our steps are global.
     model, optimizer = accelerator.prepare(model, optimizer)
     order = random.Random(config["seed"])
-    started, tokens = time.time(), {"rollout": 0, "update": 0}
+    started = time.time() - progress["wall_s"]
     for step in tqdm(range(1, total_steps + 1), desc=run_id, mininterval=10, disable=not accelerator.is_main_process):
+        if method not in ON_POLICY:
+            steps_per_epoch = len(examples) // per_step
+            if (step - 1) % steps_per_epoch == 0:  # a new epoch: reshuffle (replayed when resuming)
+                order.shuffle(examples)
+        if step <= resumed:
+            continue
         # Each process takes its own slice of the step's prompts; a group never spans processes.
         if method in ON_POLICY:
             start = ((step - 1) * per_step + accelerator.process_index * args.prompts_per_step) % len(examples)
@@ -873,26 +1165,33 @@ def train_run(run_id, config, context, args):
             info = rl_step(accelerator, model, optimizer, scheduler, tokenizer,
                            [chat_prompt(tokenizer, ex["prompt"]) for ex in batch], [ex["answer"] for ex in batch],
                            reward_fn, args, method, mu)
-            tokens["rollout"] += info["generated_tokens"]
+            progress["rollout"] += info["generated_tokens"]
         else:
-            steps_per_epoch = len(examples) // per_step
-            if (step - 1) % steps_per_epoch == 0:  # a new epoch: reshuffle
-                order.shuffle(examples)
             start = (step - 1) % steps_per_epoch * per_step + accelerator.process_index * config["batch_size"]
             info = offline_step(accelerator, model, optimizer, scheduler, tokenizer,
                                 examples[start:start + config["batch_size"]], args, method)
-        tokens["update"] += info["update_tokens"]
-        if (step % args.eval_every == 0 or step == total_steps) and step not in done_steps:
-            if accelerator.is_main_process:
-                point = evaluate(accelerator.unwrap_model(model), tokenizer, test, reward_fn, base_samples,
-                                 prior, args, reference)
-                append_result(results_path, {
-                    "run_id": run_id, "task": args.task, "model": args.model,
-                    "fingerprint": model_fingerprint(args.model), **config, "step": step,
-                    "total_steps": total_steps, "done": step == total_steps, **point,
-                    "train_reward": info.get("reward"), "tokens_generated": tokens["rollout"],
-                    "tokens_updated": tokens["update"], "wall_s": round(time.time() - started, 1)})
+        progress["update"] += info["update_tokens"]
+        if accelerator.is_main_process and step not in logged_steps:
+            append_jsonl(log_path, {"run_id": run_id, "task": args.task, "fingerprint": fingerprint, "step": step,
+                                    "lr": scheduler.get_last_lr()[0], **info})
+        if step % args.eval_every == 0 or step == total_steps:
+            progress["wall_s"] = round(time.time() - started, 1)
+            if accelerator.is_main_process and step not in done_steps:
+                point = evaluate(accelerator.unwrap_model(model), tokenizer, test, reward_fn, base_samples, prior, args)
+                append_jsonl(results_path, {
+                    "run_id": run_id, "task": args.task, "model": args.model, "fingerprint": fingerprint, **config,
+                    "step": step, "total_steps": total_steps, "done": step == total_steps, **point,
+                    "train_reward": info.get("reward"), "tokens_generated": progress["rollout"],
+                    "tokens_updated": progress["update"], "wall_s": progress["wall_s"],
+                    "dropped_for_length": data["dropped"], "skipped_rows": data["skipped"],
+                    "settings": run_settings(args)})
+            if accelerator.is_main_process and not args.no_checkpoint and step < total_steps:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step, progress)
             accelerator.wait_for_everyone()
+    if accelerator.is_main_process and ckpt.exists():
+        ckpt.unlink()  # the run is done: its rows are the record
+    # The Accelerator keeps every model and optimizer it prepared: release them before the next run.
+    accelerator.free_memory()
 
 
 def plot_results(results_path, args):
@@ -901,7 +1200,7 @@ def plot_results(results_path, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fingerprint = model_fingerprint(args.model)
-    rows = [r for r in read_results(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
+    rows = [r for r in read_jsonl(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
     if not rows:
         sys.exit(f"error: no results for task {args.task} and model {args.model} in {results_path}; train first")
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -912,7 +1211,7 @@ def plot_results(results_path, args):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     frontier_priors = []
     for ax in axes:  # the same points twice: all of them, then zoomed on the frontiers
-        for method in methods:  # the base model is a point of every method's frontier (PAPER.md §8)
+        for method in methods:  # the base model is a point of every method's frontier (our choice)
             points = [r for r in rows if r["method"] == method] + ([base] if base else [])
             new, prior = [r["new_task_acc"] for r in points], [r["prior_avg"] for r in points]
             ax.scatter(new, prior, s=12, alpha=0.35, color=colors[method])
@@ -954,30 +1253,46 @@ def plot_results(results_path, args):
           f"R^2 = {r2:.3f} (run-bootstrap 95% CI {low:.3f}-{high:.3f})")
 
 
-def bench(accelerator, tokenizer, train, reward_fn, args, rounds=5):
-    """Rollout tokens/s (KV-cached sampling of a GRPO round) and update tokens/s (forward + backward +
-    AdamW over prompt and response tokens) for GRPO and SFT on this machine."""
+def bench(accelerator, tokenizer, train, reward_fn, args, steps=2):
+    """Time `steps` GRPO steps and `steps` SFT steps at the given settings and print seconds per step,
+    tokens per second and (on a GPU) peak memory. SFT targets are stretched to --max-seq-len, the worst
+    case the length limit allows."""
     model = load_model(args, accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
     scheduler = get_constant_schedule_with_warmup(optimizer, 0)
-    totals = {"rollout_s": 0.0, "update_s": 0.0, "generated_tokens": 0, "update_tokens": 0}
-    for i in range(rounds):
-        batch = train[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]
-        prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in batch]
-        info = rl_step(accelerator, model, optimizer, scheduler, tokenizer, prompts, [ex["answer"] for ex in batch],
-                       reward_fn, args, "grpo", 1)
-        for key in totals:
-            totals[key] += info[key]
-    sft_tokens, started = 0, time.perf_counter()
-    for i in range(rounds):
-        batch = train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]]
-        info = offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")
-        sft_tokens += info["update_tokens"]
-    sft_s = time.perf_counter() - started
-    print(f"bench {args.model} on {accelerator.device} ({torch.get_num_threads()} threads): rollout "
-          f"{totals['generated_tokens'] / totals['rollout_s']:.0f} tokens/s (batch {args.prompts_per_step}x"
-          f"{args.group_size}, KV cache), GRPO update {totals['update_tokens'] / totals['update_s']:.0f} tokens/s, "
-          f"SFT update {sft_tokens / sft_s:.0f} tokens/s (batch {args.batch_size[0]})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    on_gpu = accelerator.device.type == "cuda"
+    report = []
+    for method in ("grpo", "sft"):
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        seconds, tokens = [], 0
+        for i in range(steps):
+            started = time.perf_counter()
+            if method == "grpo":
+                batch = train[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]
+                info = rl_step(accelerator, model, optimizer, scheduler, tokenizer,
+                               [chat_prompt(tokenizer, ex["prompt"]) for ex in batch], [ex["answer"] for ex in batch],
+                               reward_fn, args, "grpo", 1)
+                tokens += info["generated_tokens"] + info["update_tokens"]
+            else:
+                batch = [dict(ex, response=stretched_target(tokenizer, ex, args))
+                         for ex in train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]]]
+                info = offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")
+                tokens += info["update_tokens"]
+            seconds.append(time.perf_counter() - started)
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if on_gpu else "peak memory: CPU"
+        report.append(f"{method}: {np.mean(seconds):.1f} s/step, {tokens / sum(seconds):.0f} tokens/s, {peak}")
+    print(f"bench {args.model} on {accelerator.device}, precision {args.precision}, group {args.prompts_per_step}x"
+          f"{args.group_size} up to {args.max_new_tokens} new tokens, SFT batch {args.batch_size[0]} up to "
+          f"{args.max_seq_len} tokens, micro-batch {args.micro_batch_tokens} tokens: " + "; ".join(report))
+
+
+def stretched_target(tokenizer, example, args):
+    """The example's response repeated until prompt + target is about --max-seq-len tokens."""
+    room = args.max_seq_len - len(chat_prompt(tokenizer, example["prompt"])) - 1
+    unit = example["response"] + " "
+    return unit * max(1, room // max(1, len(encode_response(tokenizer, unit)) - 1))
 
 
 def main(argv=None):
@@ -985,47 +1300,52 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
     if args.plot:
-        return plot_results(results_path, args)
-    if args.build_twin:
+        return plot_results(out / "results.jsonl", args)
+    if args.build_twin or args.build_random:
         if (Path(args.model) / "config.json").exists():
-            return print(f"{args.model} exists; delete it to rebuild the twin")
+            return print(f"{args.model} exists; delete it to rebuild")
         started = time.time()
-        pretrain_twin(args.model, args.twin_steps)
-        return print(f"twin pretrained in {time.time() - started:.0f} s and saved at {args.model}")
+        if args.build_twin:
+            pretrain_twin(args.model, args.twin_steps)
+        else:
+            build_random_model(args.model, args.build_random)
+        return print(f"built in {time.time() - started:.0f} s and saved at {args.model}")
 
-    from accelerate import Accelerator
-    accelerator = Accelerator()
+    check_versions()
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    # Only the main process evaluates; the others wait for it in a collective, whose timeout must outlast
+    # one evaluation point (NCCL's default of 10 minutes does not).
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.eval_timeout_min))])
     tokenizer = load_tokenizer(args.model)
     reward_fn = REWARDS[args.task]
-    train, test, kl_examples = load_new_task(args)
+    train, test, kl_examples, skipped = load_new_task(args)
     if args.bench:
         return bench(accelerator, tokenizer, train, reward_fn, args)
+    rl_prompts, offline_examples, dropped = training_data(train, tokenizer, args)
+    print(f"dropped for --max-seq-len {args.max_seq_len}: {dropped['rl']} RL prompts, "
+          f"{dropped['offline']} SFT/SimPO examples; {skipped} malformed rows skipped")
+    data = {"rl": rl_prompts, "offline": offline_examples, "dropped": dropped, "skipped": skipped}
     fingerprint = model_fingerprint(args.model)
-    mine = [r for r in read_results(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
-    prior = base_samples = reference = None
+    mine = [r for r in read_jsonl(out / "results.jsonl") if r["task"] == args.task and r.get("fingerprint") == fingerprint]
+    prior = base_samples = None
     if accelerator.is_main_process:  # evaluation runs on the main process only
         prior = PriorTasks(args)
         base_model = load_model(args, accelerator.device)
-        kl_key = hashlib.sha1(json.dumps([[ex["prompt"] for ex in kl_examples], args.kl_samples,
-                                          args.max_new_tokens]).encode()).hexdigest()[:10]
-        cache = out / f"kl_cache-{fingerprint}-{kl_key}.pt"
+        shape = [[ex["prompt"] for ex in kl_examples], args.kl_samples, args.eval_max_tokens, args.precision]
+        cache = out / f"kl_cache-{fingerprint}-{hashlib.sha1(json.dumps(shape).encode()).hexdigest()[:10]}.pt"
         base_samples = BaseSamples(base_model, tokenizer, kl_examples, args, cache)
         if not any(r["run_id"] == "base" for r in mine):
-            append_result(results_path, {"run_id": "base", "task": args.task, "model": args.model,
-                                         "fingerprint": fingerprint, "method": "base", "step": 0, "done": True,
-                                         "kl_truncated": base_samples.truncated,
-                                         **evaluate(base_model, tokenizer, test, reward_fn, base_samples, prior, args)})
-        if base_samples.base_logprobs is None and not args.lora_rank:
-            reference = base_model  # pi0's log-probs are recomputed at each evaluation (BaseSamples)
+            point = evaluate(base_model, tokenizer, test, reward_fn, base_samples, prior, args)
+            append_jsonl(out / "results.jsonl", {"run_id": "base", "task": args.task, "model": args.model,
+                                                 "fingerprint": fingerprint, "method": "base", "step": 0,
+                                                 "done": True, **point, "settings": run_settings(args)})
+        base_model.to("cpu")  # kept only as the frozen pi0 of an uncached KL (BaseSamples.reference)
         del base_model
     for run_id, config in sweep(args):
         if any(r.get("done") for r in mine if r["run_id"] == run_id):
             continue
-        done_steps = {r["step"] for r in mine if r["run_id"] == run_id}
-        context = (accelerator, tokenizer, train, test, reward_fn, base_samples, prior, results_path, done_steps,
-                   reference)
+        context = (accelerator, tokenizer, data, test, reward_fn, base_samples, prior, out)
         train_run(run_id, config, context, args)
 
 

@@ -1,8 +1,12 @@
 """Tests of llm_finetune.py on a tiny locally built Qwen2 (CPU, offline, one model build per module)."""
 import copy
+import gc
 import json
 import os
 import random
+import weakref
+from datetime import timedelta
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,7 +49,7 @@ def twin(tmp_path_factory):
 
 
 def args_for(path, *extra):
-    return L.parse_args(["--model", str(path), "--micro-batch", "64", *extra])
+    return L.parse_args(["--model", str(path), *extra])
 
 
 def make_optimizer(model, lr):
@@ -218,9 +222,10 @@ def test_simpo_step_prefers_the_chosen_response(twin):
 
 def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(twin, tmp_path):
     tokenizer, base, path = twin
-    args = args_for(path, "--kl-samples", "16", "--max-new-tokens", "8", "--micro-batch", "128")
+    args = args_for(path, "--kl-samples", "16", "--eval-max-tokens", "8", "--micro-batch-tokens", "600")
     examples = [{"prompt": f"copy: {c * 3}"} for c in "abcdefghijklmnop"]
     samples = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt")
+    assert len(list(samples.batches())) > 2  # several length-grouped micro-batches
     same = samples.forward_kl(copy.deepcopy(base))
     assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["k1_seq"] == pytest.approx(0.0, abs=1e-6)
     moved = copy.deepcopy(base)
@@ -228,27 +233,42 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
     exact = samples.forward_kl(moved)
-    # k1 is an unbiased estimate of the same sequence KL under y ~ pi0: agreement within ~4 standard errors.
-    per_sequence = []
-    for i, batch in enumerate(samples.batches):
+    # Independent computation: full-sequence forwards of both models, one (prompt, response) at a time,
+    # the exact KL from torch.distributions and k1 from the sampled tokens.
+    exact_direct, k1_direct = [], []
+    for prompt, response in zip(samples.prompts, samples.responses):
+        if not response:  # a pad sampled first: an empty response, KL 0
+            exact_direct.append(0.0)
+            k1_direct.append(0.0)
+            continue
+        ids = torch.tensor([prompt + response])
         with torch.no_grad():
-            logits = L.forward_logits(moved, batch)
-        base_lp, lp = (kl.token_logprobs(x, batch["response_ids"]) for x in (samples.base_logprobs[i], logits))
-        per_sequence += kl.kl_estimators(base_lp, lp, batch["response_mask"])["k1"].tolist()
-    stderr = torch.tensor(per_sequence).std().item() / len(per_sequence) ** 0.5
+            base_logits, logits = (m(ids).logits[0, len(prompt) - 1:-1] for m in (base, moved))
+        p0, p1 = torch.distributions.Categorical(logits=base_logits), torch.distributions.Categorical(logits=logits)
+        exact_direct.append(torch.distributions.kl_divergence(p0, p1).sum().item())
+        k1_direct.append((p0.log_prob(torch.tensor(response)) - p1.log_prob(torch.tensor(response))).sum().item())
+    assert exact["kl_seq"] == pytest.approx(sum(exact_direct) / len(exact_direct), rel=1e-4)
+    assert exact["k1_seq"] == pytest.approx(sum(k1_direct) / len(k1_direct), rel=1e-4, abs=1e-5)
+    # k1 and k3 are unbiased estimates of the same sequence KL under y ~ pi0: agreement within ~4 standard errors.
+    stderr = torch.tensor(k1_direct).std().item() / len(k1_direct) ** 0.5
     assert exact["kl_seq"] > 0.05
     assert abs(exact["k1_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
     assert abs(exact["k3_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
-    # The cache reloads to the same numbers, and recomputing pi0's log-probs from a frozen copy (what
+    # The cache reloads to the same numbers, and recomputing pi0's log-probs from the frozen pi0 (what
     # happens when the cache would be too large) gives them too.
     assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").forward_kl(moved) == exact
-    uncached = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "samples.pt", max_gb=0.0)
-    assert uncached.base_logprobs is None
-    recomputed = uncached.forward_kl(moved, reference=base)
-    assert recomputed == pytest.approx(exact, rel=1e-5, abs=1e-6)
+    uncached_args = args_for(path, "--kl-samples", "16", "--eval-max-tokens", "8", "--kl-cache-gb", "0")
+    uncached = L.BaseSamples(base, tokenizer, examples, uncached_args, tmp_path / "samples.pt")
+    assert uncached.base_logprobs is None and uncached.reference is base
+    assert uncached.forward_kl(moved) == pytest.approx(exact, rel=1e-5, abs=1e-6)
+    assert uncached.forward_kl(base)["kl_seq"] == pytest.approx(0.0, abs=1e-6)  # pi0 against itself
 
 
 # ---------------------------------------------------------------------------- reward checkers
+
+
+def first_call(name, arguments):
+    return json.dumps({"name": name, "arguments": arguments})
 
 
 @pytest.mark.parametrize("task,response,answer,expected", [
@@ -256,6 +276,13 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     ("addition", "the sum is 843", "843", 1.0),
     ("addition", "357+486=842", "843", 0.0),
     ("addition", "+=", "843", 0.0),
+    # math-verify on the formats a reasoning model writes (string/float comparison missed the first five)
+    ("math", "Solving gives $x = 5$. Final answer: \\boxed{x=5}", "5", 1.0),
+    ("math", "It costs \\boxed{\\$5}.", "5", 1.0),
+    ("math", "The side is \\boxed{5\\text{ cm}}", "5", 1.0),
+    ("math", "\\boxed{\\sqrt3}", "\\sqrt{3}", 1.0),
+    ("math", "The roots are \\boxed{1,2}", "1,2", 1.0),
+    ("math", "The roots are \\boxed{1,2}", "12", 0.0),  # a set, not twelve
     ("math", "So x = 2 and the answer is \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}", 1.0),
     ("math", "\\boxed{0.5}", "1/2", 1.0),
     ("math", "\\boxed{\\left( 3, 4 \\right)}", "(3,4)", 1.0),
@@ -263,20 +290,25 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     ("math", "The answer is 4", "4", 0.0),  # no \boxed{}: not graded as an answer
     ("math", "\\boxed{4", "4", 0.0),  # unbalanced braces
     ("science", "The electron count gives... Answer: C", "C", 1.0),
-    ("science", "answer is (b).", "B", 1.0),
+    ("science", "Let me think.\n\nAnswer: **C**", "C", 1.0),
+    ("science", "The correct option is (B), so the answer is (B).", "B", 1.0),
+    ("science", "the answer is a mixture of both products", "A", 0.0),  # 'a' is an article, not option A
     ("science", "Answer: A", "C", 0.0),
     ("science", "I am not sure.", "C", 0.0),
-    ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habitat", "limit": 3}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 1.0),
-    ("tools", 'Thought: search\nAction: searchAxolotlImages\nAction Input: {"color": "albino", "gender": ""}',
-     json.dumps([{"name": "searchAxolotlImages", "arguments": {"color": "albino", "size": ""}}]), 1.0),
+    ("science", "D", "D", 1.0),
+    # ToolAlpaca: the first call of the trajectory is the reference
+    ("tools", 'Thought: I need facts.\nAction: getAxolotlFacts\nAction Input: {"category": "habitat", "limit": 3}',
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 1.0),
+    ("tools", 'Action: getAxolotlFacts\nAction Input: {\n  "category": "habitat",\n  "limit": 3\n}\nObservation:',
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 1.0),
+    ("tools", 'Action: searchAxolotlImages\nAction Input: {"color": "albino", "gender": ""}\n'
+     'Action: getAxolotlFacts\nAction Input: {}', first_call("searchAxolotlImages", {"color": "albino", "size": ""}), 1.0),
     ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": "habits", "limit": 3}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat", "limit": 3}}]), 0.0),
-    ("tools", 'Action: getRandomAxolotlImage\nAction Input: {}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+     first_call("getAxolotlFacts", {"category": "habitat", "limit": 3}), 0.0),
+    ("tools", 'Action: getRandomAxolotlImage\nAction Input: {}', first_call("getAxolotlFacts", {}), 0.0),
     ("tools", 'Action: getAxolotlFacts\nAction Input: {"category": habitat}',
-     json.dumps([{"name": "getAxolotlFacts", "arguments": {"category": "habitat"}}]), 0.0),
-    ("tools", "I would call the facts API.", json.dumps([{"name": "getAxolotlFacts", "arguments": {}}]), 0.0),
+     first_call("getAxolotlFacts", {"category": "habitat"}), 0.0),
+    ("tools", "I would call the facts API.", first_call("getAxolotlFacts", {}), 0.0),
 ])
 def test_reward_checkers(task, response, answer, expected):
     assert L.REWARDS[task](response, answer) == expected
@@ -325,8 +357,8 @@ def test_local_data_file_round_trip_and_split(tmp_path, twin):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = args_for(path, "--data-file", str(data), "--num-test", "10", "--kl-prompts", "5")
-    train, test, kl_prompts = L.load_new_task(args)
-    assert (len(train), len(test), len(kl_prompts)) == (25, 10, 5)
+    train, test, kl_prompts, skipped = L.load_new_task(args)
+    assert (len(train), len(test), len(kl_prompts), skipped) == (25, 10, 5, 0)
     assert sorted(r["prompt"] for r in train + test + kl_prompts) == sorted(r["prompt"] for r in rows)
 
 
@@ -387,3 +419,276 @@ def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, 
     resumed = results.read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
     assert [strip(line) for line in resumed] == [strip(line) for line in lines]
+
+
+# ---------------------------------------------------------------------------- the real path, at real shapes
+
+
+def test_real_shaped_sweep_frees_each_run_and_survives_the_uncached_kl_and_length_limit(tmp_path, monkeypatch):
+    """Qwen2.5-3B's vocabulary (151,936, tied embeddings) at a tiny width, responses of a few hundred
+    tokens, a 2-step GRPO and a 2-step SFT sweep of two runs each in one process, pi0's log-probs too
+    large for the cache (--kl-cache-gb 0), SFT targets over --max-seq-len dropped."""
+    torch.set_num_threads(1)
+    model_dir = tmp_path / "tiny151k"
+    L.build_random_model(model_dir, "tiny-151k")
+    rows = [{"prompt": f"add: {10 + i}+{20 + i}", "answer": str(30 + 2 * i),
+             "response": "let me add the tens and the ones. " * (4 if i % 2 else 12) + str(30 + 2 * i)}
+            for i in range(24)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alive = []  # weakrefs to (model, optimizer) of each training run, in order
+    real_load, real_adamw = L.load_model, torch.optim.AdamW
+    checks = []
+
+    def spy_load(args, device):
+        gc.collect()
+        checks.append([ref() is None for pair in alive for ref in pair])
+        model = real_load(args, device)
+        alive.append([weakref.ref(model)])
+        return model
+
+    class SpyAdamW(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            alive[-1].append(weakref.ref(self))
+
+    monkeypatch.setattr(L, "load_model", spy_load)
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    # Random weights never write a sum: reward the parity of the characters instead, so groups vary.
+    monkeypatch.setitem(L.REWARDS, "addition", lambda response, answer: float(sum(map(ord, response)) % 2))
+    argv = ["--model", str(model_dir), "--data-file", str(data), "--out", str(tmp_path / "out"),
+            "--method", "grpo", "sft", "--lr", "1e-4", "3e-4", "--steps", "2", "--eval-every", "2",
+            "--group-size", "2", "--prompts-per-step", "2", "--batch-size", "2", "--max-new-tokens", "160",
+            "--eval-max-tokens", "40", "--max-seq-len", "300", "--micro-batch-tokens", "512", "--kl-cache-gb", "0",
+            "--num-test", "2", "--kl-prompts", "2", "--kl-samples", "1", "--eval-samples", "1",
+            "--prior-tasks", "twin_copy", "--prior-limit", "1", "--warmup-steps", "0"]
+    L.main(argv)
+    gc.collect()
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in results] == ["base", "grpo-lr0.0001-schedulerconstant-seed0-mu1-epochs1",
+                                              "grpo-lr0.0003-schedulerconstant-seed0-mu1-epochs1",
+                                              "sft-lr0.0001-schedulerconstant-seed0-batch_size2-epochs1",
+                                              "sft-lr0.0003-schedulerconstant-seed0-batch_size2-epochs1"]
+    base = results[0]
+    assert base["kl_seq"] == pytest.approx(0.0, abs=1e-5)  # pi0 against the frozen pi0: the uncached branch
+    assert base["kl_truncated"] == 1.0  # random weights never say EOS: every KL sample runs to the cap
+    assert all(r["kl_seq"] > 0 and r["done"] and r["step"] == 2 for r in results[1:])
+    assert all(r["dropped_for_length"]["offline"] > 0 for r in results[1:])  # the 12-copy targets are too long
+    assert not list((tmp_path / "out").glob("kl_cache-*.pt"))[0].stat().st_size > 10**6  # samples only
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["run_id"][:3], r["step"]) for r in log] == [("grp", 1), ("grp", 2)] * 2 + [("sft", 1), ("sft", 2)] * 2
+    assert all(r["response_len"] == 160 and r["truncated"] == 1.0 for r in log if "reward" in r)
+    assert any(r["zero_variance_groups"] < 1 for r in log if "reward" in r)
+    # load_model ran for pi0, then for each of the 4 runs; at each run's start every earlier run's model and
+    # optimizer were gone, and after the sweep all 4 are gone (pi0 stays: it is the uncached KL's reference).
+    assert len(alive) == 5 and len(checks) == 5
+    for k in range(2, 5):
+        assert all(checks[k][2:]), f"run {k - 1}'s model or optimizer was still alive when run {k} started"
+    assert all(ref() is None for pair in alive[1:] for ref in pair)
+    assert not any(checks[k][0] for k in range(2, 5))  # pi0 stayed alive during the sweep: the KL reference
+
+
+def test_micro_batches_bound_the_padded_tokens_and_accumulate_to_the_full_batch_gradient(twin):
+    tokenizer, base, path = twin
+    prompts = [L.chat_prompt(tokenizer, f"add: {10 + i}+{i}") for i in range(6)]
+    responses = [L.encode_response(tokenizer, "x" * n) for n in (2, 30, 5, 28, 1, 12)]
+    groups = L.micro_batches(prompts, responses, 100)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert g == sorted(g)
+        batch = L.pack(tokenizer, [prompts[i] for i in g], [responses[i] for i in g])
+        assert batch["input_ids"].numel() <= 100 or len(g) == 1
+    assert {1, 3} in [set(g) for g in groups]  # the two long responses share a micro-batch
+
+    def gradient(method, micro_batch_tokens, examples, monkeypatch_target):
+        model = copy.deepcopy(base)
+        args = args_for(path, "--micro-batch-tokens", str(micro_batch_tokens))
+        grads = []
+        monkeypatch_target.setattr(L, "optimizer_step", lambda *a: grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters()])))
+        L.offline_step(NoAccelerator, model, None, None, tokenizer, examples, args, method)
+        return grads[0]
+
+    examples = [{"prompt": f"add: {10 + i}+{i}", "response": "y" * n, "rejected": "z" * (n + 1)}
+                for i, n in enumerate((2, 30, 5, 28, 1, 12))]
+    with pytest.MonkeyPatch.context() as mp:
+        for method in ("sft", "simpo"):  # SFT: the mean over all response tokens; SimPO: over examples
+            whole, split = gradient(method, 10_000, examples, mp), gradient(method, 60, examples, mp)
+            torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_generate_calls_are_sized_by_the_token_budget_and_defaults_fit_the_real_path(twin, monkeypatch):
+    tokenizer, model, path = twin
+    sizes = []
+    real_generate = model.generate
+
+    def spy(**kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = [L.chat_prompt(tokenizer, "copy: abcd")] * 5  # 13 tokens + 7 new = 20 per sequence
+    responses, _ = L.sample(model, tokenizer, prompts, 1, 7, max_tokens=45)
+    assert sizes == [2, 2, 1] and len(responses) == 5
+    real = L.parse_args(["--task", "math"])
+    assert (real.micro_batch_tokens, real.precision, real.gradient_checkpointing) == (4096, "mixed", True)
+    assert (real.max_new_tokens, real.eval_max_tokens, real.max_seq_len) == (1024, 4096, 4096)
+    assert "humaneval_instruct" in real.prior_tasks and "humaneval" not in real.prior_tasks
+    assert real.scale_rewards == "none"
+
+
+def test_old_versions_and_unexpected_loader_errors_say_what_they_are(monkeypatch, capsys, twin, tmp_path):
+    monkeypatch.setattr(L, "version", lambda package: "0.4.9" if package == "lm_eval" else "99.0")
+    with pytest.raises(SystemExit) as caught:
+        L.check_versions()
+    assert "lm_eval 0.4.9 is too old" in caught.value.code and "lm_eval>=0.4.12" in caught.value.code
+    monkeypatch.undo()
+    _, _, path = twin
+
+    def broken(task):
+        raise TypeError("Couldn't cast array of type struct<a: int64> to null\nmore detail")
+
+    monkeypatch.setattr(L, "hub_rows", broken)
+    message = one_line_exit(["--model", str(path), "--task", "tools", "--out", str(tmp_path)], capsys)
+    assert "TypeError: Couldn't cast array" in message and "HF_DATASETS_OFFLINE" not in message
+
+
+# Real-format rows, as the hub sources store them.
+TOOLALPACA_API = {"Name": "Axolotl", "NLDocumentation": "getAxolotlFacts(category, limit): facts.",
+                  "Function_Description": {"getAxolotlFacts": "...", "searchAxolotlImages": "...", "components": {}},
+                  "Instances": [
+                      {"input": "Tell me 3 habitat facts.", "intermediate_steps": [
+                          [["getAxolotlFacts", '{"category": "habitat", "limit": 3}', "Thought..."], "Status 200"],
+                          [["searchAxolotlImages", '{"color": "wild"}', "Thought..."], "Status 200"]]},
+                      {"input": "Broken call.", "intermediate_steps": [
+                          [["getAxolotlFacts", "{category: habitat}", "Thought..."], "Status 400"]]},
+                      {"input": "No steps.", "intermediate_steps": []}]}
+SCIKNOWEVAL_ROWS = [
+    {"question": "Which gas is inert?", "choices": {"label": ["A", "B", "C", "D"], "text": ["O2", "Ar", "H2", "Cl2"]},
+     "answerKey": "B", "details": {"level": "L3"}},
+    {"question": "Broken row", "choices": {"label": [], "text": []}, "answerKey": "A", "details": {"level": "L3"}}]
+ORZ_ROWS = [
+    {"question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}",
+     "responses": ["<think>...</think> so \\boxed{\\frac{2}{4}}", "<think>...</think> so \\boxed{0.75}"]},
+    {"answer": "3"}]  # no question
+
+
+def test_malformed_rows_are_skipped_and_counted_and_each_task_has_negatives():
+    tools, skipped = L.examples_from_rows("tools", [(TOOLALPACA_API, i) for i in TOOLALPACA_API["Instances"]])
+    assert (len(tools), skipped) == (1, 2)
+    assert L.tools_reward(tools[0]["response"], tools[0]["answer"]) == 1.0  # the SFT target is the first call
+    assert L.tools_reward(tools[0]["rejected"], tools[0]["answer"]) == 0.0
+    science, skipped = L.examples_from_rows("science", SCIKNOWEVAL_ROWS)
+    assert (len(science), skipped) == (1, 1)
+    assert "B. Ar" in science[0]["prompt"] and science[0]["response"] == "Answer: B"
+    assert L.science_reward(science[0]["rejected"], "B") == 0.0 and science[0]["rejected"].startswith("Answer: ")
+    math, skipped = L.examples_from_rows("math", ORZ_ROWS)
+    assert (len(math), skipped) == (1, 1)
+    assert math[0]["response"].endswith("\\boxed{0.75}") and math[0]["rejected"].endswith("\\boxed{\\frac{2}{4}}")
+
+
+def test_mixed_precision_keeps_small_updates_that_bf16_weights_swallow(twin):
+    tokenizer, _, path = twin
+    examples = [{"prompt": f"add: {10 + i}+{i}", "response": str(10 + 2 * i)} for i in range(8)]
+    changed = {}
+    for precision in ("mixed", "bf16"):
+        args = args_for(path, "--precision", precision, "--no-gradient-checkpointing")
+        model = L.load_model(args, torch.device("cpu"))
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer, scheduler = make_optimizer(model, 1e-5)
+        L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+        moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
+        changed[precision] = moved / sum(p.numel() for p in model.parameters())
+        with L.autocast(args):
+            logits = L.forward_logits(model, L.pack(tokenizer, [[5, 6, 7]], [[8, 9]]))
+        assert logits.dtype == torch.bfloat16 and next(model.parameters()).dtype == (
+            torch.float32 if precision == "mixed" else torch.bfloat16)
+    assert changed["mixed"] > 0.9 and changed["bf16"] < 0.5, changed
+
+
+def test_humaneval_instruct_is_scored_by_its_own_filter_and_needs_consent(twin, tmp_path, capsys):
+    import lm_eval.tasks
+    folder = Path(lm_eval.tasks.__file__).parent / "humaneval"
+    text = (folder / "humaneval_instruct.yaml").read_text()
+    metric, filter_name = L.PRIMARY_METRIC["humaneval_instruct"].split(",")
+    assert f"name: \"{filter_name}\"" in text and "include: humaneval.yaml" in text
+    inherited = (folder / "humaneval.yaml").read_text()  # code_eval's pass_at_k, k=[1]: "pass@1"
+    assert metric == "pass@1" and "utils.pass_at_k" in inherited and "k: [1]" in inherited
+    _, _, path = twin
+    message = one_line_exit(["--model", str(path), "--prior-tasks", "humaneval_instruct", "--out", str(tmp_path)], capsys)
+    assert "--allow-unsafe-code" in message
+
+
+@pytest.mark.parametrize("scale", ["none", "group"])
+def test_grpo_advantages_follow_scale_rewards(twin, monkeypatch, scale):
+    tokenizer, base, path = twin
+    args = args_for(path, "--group-size", "8", "--max-new-tokens", "3", "--scale-rewards", scale)
+    seen = []
+    real_loss = kl.policy_gradient_loss
+
+    def spy(logprobs, advantages, mask, **kwargs):
+        seen.append(advantages)
+        return real_loss(logprobs, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
+    rewards = iter([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
+    model = copy.deepcopy(base)
+    optimizer, scheduler = make_optimizer(model, 1e-4)
+    L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, [L.chat_prompt(tokenizer, "copy: ab")] * 2,
+              ["ab"] * 2, lambda response, answer: next(rewards), args, "grpo", 1)
+    advantages = torch.cat(seen)
+    expected = torch.tensor([[7 / 8] + [-1 / 8] * 7, [6 / 8] * 2 + [-2 / 8] * 6])
+    if scale == "group":
+        expected = expected / torch.tensor([[0.125 * 7 ** 0.5], [(2 / 8 * 6 / 8) ** 0.5]])
+    assert sorted(advantages.tolist()) == pytest.approx(sorted(expected.flatten().tolist()), abs=1e-5)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers(twin, tmp_path, monkeypatch):
+    _, _, path = twin
+    import accelerate
+    timeouts = []
+
+    class SpyAccelerator(accelerate.Accelerator):
+        def __init__(self, *a, kwargs_handlers=(), **k):
+            timeouts.extend(h.timeout for h in kwargs_handlers)
+            super().__init__(*a, kwargs_handlers=kwargs_handlers, **k)
+
+    monkeypatch.setattr(accelerate, "Accelerator", SpyAccelerator)
+    argv = ["--model", str(path), "--method", "sft", "--lr", "1e-3", "--batch-size", "4", "--sft-examples", "8",
+            "--steps", "4", "--eval-every", "1", "--num-test", "4", "--kl-prompts", "4", "--kl-samples", "1",
+            "--eval-samples", "1", "--max-new-tokens", "4", "--eval-max-tokens", "6", "--prior-tasks", "twin_copy",
+            "--prior-limit", "2"]
+    L.main(argv + ["--out", str(tmp_path / "whole")])
+    assert timeouts == [timedelta(minutes=360)]  # the other processes outwait one evaluation point
+    steps, evaluated, real_step, real_evaluate = [], [], L.offline_step, L.evaluate
+
+    def counting_step(*a):
+        steps.append(1)
+        return real_step(*a)
+
+    def crashing_evaluate(*a):
+        evaluated.append(1)
+        if len(evaluated) == 4:  # base, step 1, step 2, then the crash at step 3's point
+            raise KeyboardInterrupt
+        return real_evaluate(*a)
+
+    monkeypatch.setattr(L, "offline_step", counting_step)
+    monkeypatch.setattr(L, "evaluate", crashing_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        L.main(argv + ["--out", str(tmp_path / "split")])
+    assert len(steps) == 3 and list((tmp_path / "split" / "checkpoints").glob("*.pt"))
+    monkeypatch.setattr(L, "evaluate", real_evaluate)
+    L.main(argv + ["--out", str(tmp_path / "split")])
+    assert len(steps) == 3 + 2  # resumed after step 2 (its checkpoint): steps 3 and 4 only
+    assert not list((tmp_path / "split" / "checkpoints").glob("*.pt"))  # removed when the run is done
+
+    def rows(out, name, drop=("wall_s", "settings", "update_s")):
+        return [{k: v for k, v in json.loads(line).items() if k not in drop}
+                for line in (tmp_path / out / name).read_text().splitlines()]
+
+    assert rows("split", "results.jsonl") == rows("whole", "results.jsonl")
+    assert [r["step"] for r in rows("split", "results.jsonl")] == [0, 1, 2, 3, 4]
+    assert rows("split", "train_log.jsonl") == rows("whole", "train_log.jsonl")  # no step lost or logged twice
+    last = json.loads((tmp_path / "whole" / "results.jsonl").read_text().splitlines()[-1])
+    assert last["settings"]["eval_max_tokens"] == 6 and last["settings"]["max_new_tokens"] == 4
+    assert {"truncated", "kl_truncated", "dropped_for_length", "skipped_rows"} <= set(last)
