@@ -1,5 +1,4 @@
 """The lab handout: lab.ipynb is docs/lab.md as a notebook, and every cell of it runs (on tiny settings)."""
-import os
 from pathlib import Path
 
 import jupytext
