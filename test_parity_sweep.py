@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.distributions import Categorical, kl_divergence
 
 import parity_mnist as pm
 import parity_sweep as ps
@@ -178,3 +179,26 @@ def test_grids_have_the_sizes_the_paper_states():
     quick = ps.quick_grid("teacher.pt")
     assert {c.method for c in quick} == set(pm.METHODS) and len(quick) < len(grid) / 5
     assert {c.run_id for c in ps.seeds_grid() if c.seed == 0} <= {c.run_id for c in grid}
+
+
+def test_fig10_rows_against_an_independent_computation(small, ref, data):  # noqa: F811
+    """Step rows of every step telescope to the probe's final forward KL (so ΔKL has the right sign and
+    inputs), and the first step's cosine is the one between that update and the FashionMNIST-loss gradient
+    at π0 (a positive cosine: the update raises the prior task's loss to first order)."""
+    cfg = config("sft1", 3e-3, warmup=0.0, log_steps=1)
+    rows, (params,) = ps.train_runs([cfg], small, ref, eval_every=0, progress=False)
+    steps = [row for row in rows[0] if row["kind"] == "step"]
+    assert len(steps) == 20
+    probe_x = data.mnist_test_x[:ps.FIG10_MNIST]
+    final_kl = kl_divergence(Categorical(logits=pm.mlp(ref.base, probe_x)), Categorical(logits=pm.mlp(params, probe_x)))
+    assert sum(row["delta_forward_kl"] for row in steps) == pytest.approx(final_kl.mean().item(), rel=1e-3)
+    one_batch = pm.Data(**{**vars(small), "mnist_train_x": small.mnist_train_x[:32],
+                           "mnist_train_y": small.mnist_train_y[:32]})
+    one_step, (after_one,) = ps.train_runs([cfg], one_batch, ref, eval_every=0, progress=False)
+    base = {k: v.clone().requires_grad_() for k, v in ref.base.items()}
+    fashion_x, fashion_y = data.fashion_test_x[:ps.FIG10_FASHION], data.fashion_test_y[:ps.FIG10_FASHION]
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(pm.mlp(base, fashion_x), fashion_y), list(base.values()))
+    update = torch.cat([(after_one[k] - ref.base[k]).flatten() for k in base]).double()
+    gradient = torch.cat([g.flatten() for g in grads]).double()
+    expected = torch.nn.functional.cosine_similarity(update, gradient, dim=0).item()
+    assert one_step[0][0]["cos_update_prior_grad"] == pytest.approx(expected, rel=1e-4, abs=1e-6)

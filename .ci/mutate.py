@@ -1,0 +1,103 @@
+"""Mutation check: apply one-line mistakes to the experiment scripts, one at a time, run the tests that
+guard them, and report which mistakes no test catches.
+
+    python .ci/mutate.py                 # every script's list (minutes); `make mutations` does the same
+    python .ci/mutate.py parity_mnist.py # one script
+
+Each mutation is a plausible slip (a swapped argument, a flipped sign, a wrong label set, an ignored flag,
+a dropped factor) in a line the paper's claims depend on. A mutation survives when its tests still pass.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# script -> (tests that guard it, [(description, original text, mutated text)])
+MUTATIONS = {
+    "parity_mnist.py": (["test_parity_mnist.py", "test_parity_sweep.py"], [
+        ("forward and reverse KL swapped in the scores",
+         "kl.divergences(base_logits, logits).items()", "kl.divergences(logits, base_logits).items()"),
+        ("forgetting with the wrong sign",
+         'base_fashion_acc - metrics["fashion_acc"]', 'metrics["fashion_acc"] - base_fashion_acc'),
+        ("the lesson's KL measured on FashionMNIST inputs",
+         "base_test_logits = mlp(base, data.mnist_test_x)", "base_test_logits = mlp(base, data.fashion_test_x)"),
+        ("SFT dist. 1 labels flipped", "targets = digits % 2\n", "targets = 1 - digits % 2\n"),
+        ("SFT dist. 2 labels replaced by SFT dist. 1's", "targets = sft2_labels", "targets = digits % 2"),
+        ("SFT dist. 2 drawn from all five labels of the parity",
+         "sft2_labels = train_digits % 2 + 4 * torch.randint(0, 2,", "sft2_labels = train_digits % 2 + 2 * torch.randint(0, 5,"),
+        ("oracle restricted to the wrong parity", "correct_labels(digits))", "correct_labels(digits + 1))"),
+        ("distillation from the teacher's argmax, not its samples",
+         "targets = gumbel_sample(teacher_logits, 1, gen).squeeze(-1)", "targets = teacher_logits.argmax(-1)"),
+        ("1-0 REINFORCE with GRPO's advantages",
+         "advantages = kl.reinforce_advantages(rewards)", "advantages = kl.group_advantages(rewards)"),
+        ("GRPO without the group std", "advantages = kl.group_advantages(rewards)\n",
+         "advantages = kl.group_advantages(rewards, normalize_std=False)\n"),
+        ("reward for the wrong parity",
+         "rewards = parity_reward(labels, digits.unsqueeze(-1))", "rewards = parity_reward(labels, 1 + digits.unsqueeze(-1))"),
+        ("--group-size ignored", "gumbel_sample(logits.detach(), cfg.group_size, gen)", "gumbel_sample(logits.detach(), 8, gen)"),
+        ("--kl-direction ignored", "direction=cfg.kl_direction", 'direction="reverse"'),
+        ("--kl-coef ignored", "loss + cfg.kl_coef * kl.kl_penalty", "loss + 0.1 * kl.kl_penalty"),
+        ("SimPO's negatives drawn from the correct parity",
+         "rejected = (1 - digits % 2) + 2 * torch.randint", "rejected = digits % 2 + 2 * torch.randint"),
+        ("SimPO's chosen and rejected swapped",
+         "kl.simpo_loss(chosen_logprobs, rejected_logprobs)", "kl.simpo_loss(rejected_logprobs, chosen_logprobs)"),
+        ("pi0 pretrained as a digit classifier",
+         "parity_labels = digits % 2 + 2 * torch.randint(0, 5, (PRETRAIN_IMAGES,), generator=gen)",
+         "parity_labels = digits + 0 * torch.randint(0, 5, (PRETRAIN_IMAGES,), generator=gen)"),
+    ]),
+    "parity_sweep.py": (["test_parity_sweep.py"], [
+        ("the sweep's KL against the model itself",
+         "pm.scores(logits, fashion_logits, data, ref.mnist_test_logits, ref.fashion_acc)",
+         "pm.scores(logits, fashion_logits, data, logits, ref.fashion_acc)"),
+        ("Fisher on the new task's inputs",
+         "diagonal_fisher(base, data.fashion_train_x[:FISHER_INPUTS])", "diagonal_fisher(base, data.mnist_train_x[:FISHER_INPUTS])"),
+        ("weight change L1 without the absolute value",
+         "sum(d.abs().sum() for d in delta.values())", "sum(d.sum() for d in delta.values())"),
+        ("activation change on FashionMNIST inputs",
+         "change = hidden - ref.mnist_test_hidden", "change = fashion_hidden - ref.mnist_test_hidden"),
+        ("CKA on MNIST inputs", "kl.linear_cka(fashion_hidden[:CKA_PROBES]", "kl.linear_cka(hidden[:CKA_PROBES]"),
+        ("batched SFT dist. 2 without its coin",
+         "sft2_labels = train_digits % 2 + 4 * torch.randint(0, 2,", "sft2_labels = train_digits % 2 + 4 * torch.randint(0, 1,"),
+        ("batched base logits of the wrong images",
+         "None if base_logits is None else base_logits[idx]", "None if base_logits is None else base_logits[:len(idx)]"),
+        ("Fig. 10's KL change with the wrong sign",
+         "delta_kl = self.mean_forward_kl(params) - self.kl_before", "delta_kl = self.kl_before - self.mean_forward_kl(params)"),
+        ("Fig. 10's update with the wrong sign",
+         "update, grad = flatten(params) - flatten(self.params)", "update, grad = flatten(self.params) - flatten(params)"),
+        ("resume keeps the rows of unfinished runs",
+         'done = {row["run_id"] for row in rows if row.get("last")}', 'done = {row["run_id"] for row in rows}'),
+        ("one learning rate for the whole batch",
+         '[{"params": list(p.values()), "lr": c.lr} for p, c in zip(per_run, configs)]',
+         '[{"params": list(p.values()), "lr": configs[0].lr} for p in per_run]'),
+    ]),
+}
+
+
+def main(scripts):
+    survived, total = [], 0
+    for script in scripts or MUTATIONS:
+        tests, mutations = MUTATIONS[script]
+        path = ROOT / script
+        original = path.read_text()
+        for description, before, after in mutations:
+            if original.count(before) != 1:
+                sys.exit(f"error: {script}: the text of mutation {description!r} occurs {original.count(before)} "
+                         f"times, not once; update .ci/mutate.py to the script")
+            path.write_text(original.replace(before, after))
+            try:
+                result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                        cwd=ROOT, capture_output=True, text=True)
+            finally:
+                path.write_text(original)
+            total += 1
+            caught = result.returncode != 0
+            print(f"{'caught  ' if caught else 'SURVIVED'} {script}: {description}", flush=True)
+            if not caught:
+                survived.append(f"{script}: {description}")
+    print(f"{total - len(survived)} of {total} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
