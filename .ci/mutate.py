@@ -7,6 +7,7 @@ guard them, and report which mistakes no test catches.
 Each mutation is a plausible slip (a swapped argument, a flipped sign, a wrong label set, an ignored flag,
 a dropped factor) in a line the paper's claims depend on. A mutation survives when its tests still pass.
 """
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ MUTATIONS = {
 
 
 def main(scripts):
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill still restores the script (finally below)
     survived, total = [], 0
     for script in scripts or MUTATIONS:
         tests, mutations = MUTATIONS[script]
