@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHARED_DATA ?= ../shared/data
 
-.PHONY: reproduce reproduce-full demo test bench llm-twin data vulkan
+.PHONY: reproduce reproduce-full demo test bench llm-twin data vulkan notebook mutations
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)
@@ -36,6 +36,14 @@ reproduce-full: $(VENV)/installed data
 
 demo: $(VENV)/installed data
 	$(PY) parity_mnist.py --method rl
+
+# lab.ipynb is generated from docs/lab.md, the one source of the handout (test_lab.py checks they agree).
+notebook: $(VENV)/installed
+	$(VENV)/bin/jupytext --to ipynb -o lab.ipynb docs/lab.md
+
+# One-line mistakes in the experiment scripts, each run against the tests that guard it (minutes).
+mutations: $(VENV)/installed-all data
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) .ci/mutate.py
 
 bench: $(VENV)/installed-all data
 	$(PY) parity_sweep.py --bench
