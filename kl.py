@@ -229,7 +229,7 @@ def sft_loss(logits, targets, mask=None):
 
     targets: hard labels (integer tensor with the logits' shape minus the last dim) or soft target
     distributions (float tensor with the logits' shape, rows summing to 1), e.g. the oracle
-    distribution pi0(.|S) of §3.5. The mask is how prompts are left out of an LLM's SFT loss.
+    distribution pi0(.|S) of the oracle SFT (Fig. 3). The mask is how prompts are left out of an LLM's SFT loss.
     """
     logp = F.log_softmax(_full_precision(logits), -1)
     if targets.dtype.is_floating_point:

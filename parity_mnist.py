@@ -36,7 +36,7 @@ METHODS = {
     "reinforce": "1-0 REINFORCE: on-policy, only correct samples are pushed up (§5.1)",
     "sft1": "SFT dist. 1: every even digit -> label 0, every odd digit -> label 1",
     "sft2": "SFT dist. 2: even -> 0 or 4, odd -> 1 or 5, one label drawn per image",
-    "sft-oracle": "SFT on the optimal distribution: pi0 restricted to the right parity (§3.4)",
+    "sft-oracle": "SFT on the optimal distribution: pi0 restricted to the right parity (Fig. 3)",
     "sft-distill": "SFT on labels sampled from an RL-trained model, --teacher (Fig. 9)",
     "simpo": "SimPO: offline, SFT dist. 1 labels preferred over wrong-parity labels (§5.1)",
 }
@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Data: both datasets as in-memory tensors, flattened, with the task indicator appended (§3.2)
+# 2. Data: both datasets as in-memory tensors, flattened, with the task indicator appended (App. B.3)
 # --------------------------------------------------------------------------------------------------
 
 NORMALISATION = {"MNIST": (0.1307, 0.3081), "FashionMNIST": (0.2860, 0.3530)}  # per-dataset mean, std
@@ -113,7 +113,7 @@ def parity_reward(labels, digits):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Model: the MLP 785 -> 512 -> 256 -> 10 with ReLUs (§3.2), as a plain dict of weights
+# 3. Model: the MLP 785 -> 512 -> 256 -> 10 with ReLUs (App. B.3), as a plain dict of weights
 # --------------------------------------------------------------------------------------------------
 
 PARAM_SHAPES = {"w1": (785, 512), "b1": (512,), "w2": (512, 256), "b2": (256,), "w3": (256, 10), "b3": (10,)}
@@ -141,7 +141,7 @@ def mlp(params, x, return_hidden=False):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Pretraining the base model pi0 (§3.2): 500 MNIST and 500 FashionMNIST images, jointly
+# 4. Pretraining the base model pi0 (App. B.3): 500 MNIST and 500 FashionMNIST images, jointly
 # --------------------------------------------------------------------------------------------------
 
 PRETRAIN_IMAGES, PRETRAIN_LR, PRETRAIN_BATCH = 500, 1e-3, 50  # per task; not given by the paper
@@ -149,7 +149,7 @@ PRETRAIN_IMAGES, PRETRAIN_LR, PRETRAIN_BATCH = 500, 1e-3, 50  # per task; not gi
 
 def pretrain(data, seed, epochs=2):
     """Adam on cross-entropy. Every epoch each MNIST image gets a label drawn uniformly from the five digits
-    of its parity, so pi0 spreads its mass over the correct labels: it is not a digit classifier (§3.2)."""
+    of its parity, so pi0 spreads its mass over the correct labels: it is not a digit classifier (App. B.3)."""
     gen = torch.Generator().manual_seed(seed)
     mnist_idx = torch.randperm(len(data.mnist_train_x), generator=gen)[:PRETRAIN_IMAGES]
     fashion_idx = torch.randperm(len(data.fashion_train_x), generator=gen)[:PRETRAIN_IMAGES]
@@ -247,7 +247,7 @@ def method_loss(cfg, logits, digits, sft2_labels, base_logits, teacher_logits, g
         targets = digits % 2
     elif cfg.method == "sft2":  # SFT dist. 2: even -> {0, 4}, odd -> {1, 5}
         targets = sft2_labels
-    elif cfg.method == "sft-oracle":  # pi0 restricted to the correct parity and renormalised (§3.4, Lemma A.1)
+    elif cfg.method == "sft-oracle":  # pi0 restricted to the correct parity and renormalised (Fig. 3, Lemma A.1)
         oracle_logprobs = kl.restrict_to_correct(base_logits, correct_labels(digits))
         if cfg.oracle_targets == "soft":
             return kl.sft_loss(logits, oracle_logprobs.exp().expand_as(logits))

@@ -67,7 +67,7 @@ def test_input_is_785_wide_with_task_indicator(data, base):
 
 
 def test_pi0_spreads_its_mass_over_the_correct_parity(data, base):
-    """Pretraining labels are drawn uniformly among the five digits of the right parity (§3.2): pi0 is
+    """Pretraining labels are drawn uniformly among the five digits of the right parity (App. B.3): pi0 is
     better than chance at parity, and no single label takes most of the mass."""
     probs = pm.mlp(base, data.mnist_test_x).softmax(-1)
     correct = pm.correct_labels(data.mnist_test_y)
