@@ -57,6 +57,16 @@ def make_optimizer(model, lr):
     return optimizer, get_constant_schedule_with_warmup(optimizer, 0)
 
 
+def make_run(model, lr, method, **settings):
+    """A Run of `method` on `model` with AdamW at `lr` and a constant schedule."""
+    optimizer, scheduler = make_optimizer(model, lr)
+    return L.Run(model, optimizer, scheduler, method, **settings)
+
+
+def experiment(tokenizer, args, reward_fn=None):
+    return L.Experiment(NoAccelerator, tokenizer, args, reward_fn)
+
+
 # ---------------------------------------------------------------------------- tokenizer and model
 
 
@@ -106,14 +116,17 @@ def test_grpo_steps_raise_the_reward_on_a_trivially_learnable_toy(twin, tmp_path
     tokenizer, base, path = twin
     model = copy.deepcopy(base)
     args = args_for(path, "--group-size", "8", "--max-new-tokens", "3")
-    prompts = [L.chat_prompt(tokenizer, f"add: {100 + i}+{200 + i}") for i in range(4)]
+    examples = [{"prompt": f"add: {100 + i}+{200 + i}", "answer": "0"} for i in range(4)]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
     seven = tokenizer.convert_tokens_to_ids("7")
-    reward = lambda response, answer: float(response.startswith("7"))  # noqa: E731
-    optimizer, scheduler = make_optimizer(model, 3e-3)
+
+    def reward(response, answer):
+        return float(response.startswith("7"))
+
+    exp, run = experiment(tokenizer, args, reward), make_run(model, 3e-3, "grpo")
     before = first_token_prob(model, tokenizer, prompts, seven)
     torch.manual_seed(0)
-    rewards = [L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["0"] * 4, reward, args,
-                         "grpo", 1)["reward"] for _ in range(8)]
+    rewards = [L.rl_step(exp, run, examples)["reward"] for _ in range(8)]
     after = first_token_prob(model, tokenizer, prompts, seven)
     assert after > before + 0.2, (before, after, rewards)
 
@@ -149,7 +162,6 @@ def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
     tokenizer, base, path = twin
     model = copy.deepcopy(base)
     args = args_for(path, "--group-size", "8", "--max-new-tokens", "3", "--clip-eps", "0.2")
-    prompts = [L.chat_prompt(tokenizer, "copy: abc")] * 2
     calls = []
     real_loss = kl.policy_gradient_loss
 
@@ -158,13 +170,14 @@ def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
         return real_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, **kwargs)
 
     monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
-    optimizer, scheduler = make_optimizer(model, 1e-3)
+    def reward(response, answer):
+        return float(response[:1] < "m")  # about half the samples
+
+    run = make_run(model, 1e-3, "grpo", mu=2)
     torch.manual_seed(0)
-    reward = lambda response, answer: float(response[:1] < "m")  # noqa: E731  (about half the samples)
-    info = L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["abc"] * 2, reward, args,
-                     "grpo", 2)
+    info = L.rl_step(experiment(tokenizer, args, reward), run, [{"prompt": "copy: abc", "answer": "abc"}] * 2)
     assert 0 < info["reward"] < 1
-    assert optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
+    assert run.optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
     assert len(calls) == 2 and calls[0] == 0.0 and calls[1] > 0.0  # ratio 1 first, then pi / pi_old != 1
 
 
@@ -196,8 +209,7 @@ def test_sft_step_lowers_the_loss_and_ignores_prompt_tokens(twin):
     assert kl.sft_loss(full, perturbed, mask).item() != pytest.approx(reference.item(), abs=1e-6)
     # One SFT step lowers the loss on its batch.
     args = args_for(path, "--method", "sft")
-    optimizer, scheduler = make_optimizer(model, 1e-3)
-    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+    L.offline_step(experiment(tokenizer, args), make_run(model, 1e-3, "sft"), examples)
     with torch.no_grad():
         assert L.sft_batch_loss(model, batch).item() < loss.item()
 
@@ -210,10 +222,12 @@ def test_simpo_step_prefers_the_chosen_response(twin):
     prompt = [L.chat_prompt(tokenizer, examples[0]["prompt"])]
     chosen, rejected = (L.pack(tokenizer, prompt, [tokenizer(text + "<|end|>")["input_ids"]])
                         for text in ("the sum is 300", "the sum is 301"))
-    gap = lambda: (L.sequence_logprob(model, chosen) - L.sequence_logprob(model, rejected)).item()  # noqa: E731
+
+    def gap():
+        return (L.sequence_logprob(model, chosen) - L.sequence_logprob(model, rejected)).item()
+
     before = gap()
-    optimizer, scheduler = make_optimizer(model, 1e-3)
-    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "simpo")
+    L.offline_step(experiment(tokenizer, args), make_run(model, 1e-3, "simpo"), examples)
     assert gap() > before
 
 
@@ -417,7 +431,10 @@ def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, 
     results.write_text("\n".join(lines[:2]) + "\n")  # as if interrupted before the last point
     L.main(argv)
     resumed = results.read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
+
+    def strip(line):
+        return {k: v for k, v in json.loads(line).items() if k != "wall_s"}
+
     assert [strip(line) for line in resumed] == [strip(line) for line in lines]
 
 
@@ -506,7 +523,7 @@ def test_micro_batches_bound_the_padded_tokens_and_accumulate_to_the_full_batch_
         grads = []
         monkeypatch_target.setattr(L, "optimizer_step", lambda *a: grads.append(
             torch.cat([p.grad.flatten() for p in model.parameters()])))
-        L.offline_step(NoAccelerator, model, None, None, tokenizer, examples, args, method)
+        L.offline_step(experiment(tokenizer, args), L.Run(model, None, None, method), examples)
         return grads[0]
 
     examples = [{"prompt": f"add: {10 + i}+{i}", "response": "y" * n, "rejected": "z" * (n + 1)}
@@ -595,8 +612,7 @@ def test_mixed_precision_keeps_small_updates_that_bf16_weights_swallow(twin):
         args = args_for(path, "--precision", precision, "--no-gradient-checkpointing")
         model = L.load_model(args, torch.device("cpu"))
         before = [p.detach().clone() for p in model.parameters()]
-        optimizer, scheduler = make_optimizer(model, 1e-5)
-        L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+        L.offline_step(experiment(tokenizer, args), make_run(model, 1e-5, "sft"), examples)
         moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
         changed[precision] = moved / sum(p.numel() for p in model.parameters())
         with L.autocast(args):
@@ -633,9 +649,11 @@ def test_grpo_advantages_follow_scale_rewards(twin, monkeypatch, scale):
     monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
     rewards = iter([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
     model = copy.deepcopy(base)
-    optimizer, scheduler = make_optimizer(model, 1e-4)
-    L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, [L.chat_prompt(tokenizer, "copy: ab")] * 2,
-              ["ab"] * 2, lambda response, answer: next(rewards), args, "grpo", 1)
+    def reward(response, answer):
+        return next(rewards)
+
+    L.rl_step(experiment(tokenizer, args, reward), make_run(model, 1e-4, "grpo"),
+              [{"prompt": "copy: ab", "answer": "ab"}] * 2)
     advantages = torch.cat(seen)
     expected = torch.tensor([[7 / 8] + [-1 / 8] * 7, [6 / 8] * 2 + [-2 / 8] * 6])
     if scale == "group":
