@@ -1235,8 +1235,8 @@ def policy_targets(exp, method, base_model, out):
             targets = sampled_targets(teacher, exp.tokenizer, examples, args, 1)
             del teacher
         torch.save(targets, path)
-        correct = np.mean([exp.reward_fn(decode(exp.tokenizer, t["response_ids"]), t["answer"]) for t in targets])
-        print(f"{method}: {len(targets)} targets from {len(examples)} prompts ({correct:.3f} of them correct)")
+        correct = sum(exp.reward_fn(decode(exp.tokenizer, t["response_ids"]), t["answer"]) for t in targets)
+        print(f"{method}: {len(targets)} targets from {len(examples)} prompts, {correct:.0f} of them correct")
     exp.accelerator.wait_for_everyone()
     return torch.load(path)
 
@@ -1294,6 +1294,9 @@ def train_run(exp, run_id, config):
     else:
         if method in ("self-sft", "sft-distill"):
             examples = data[method]
+            if not examples:
+                sys.exit(f"error: self-sft: none of pi0's --self-samples {args.self_samples} samples was correct "
+                         "on any prompt; raise --self-samples")
         else:
             examples = [ex for ex in data["offline"] if method == "sft" or ex.get("rejected")][:args.sft_examples]
         if not examples:
@@ -1426,10 +1429,11 @@ def plot_results(rows, task, prefix):
     fig.savefig(f"plots/{prefix}_pareto.png", dpi=130)
 
     points = trained + ([base] if base else [])
-    if len({r["run_id"] for r in points}) < 3:
-        return print(f"plots/{prefix}_pareto.png; no law fitted: {len(points)} points from fewer than 3 runs")
     x, y = np.array([r["kl_seq"] for r in points]), np.array([r["prior_avg"] for r in points])
     coefficients, r2 = kl.fit_law(x, y)
+    if len({r["run_id"] for r in points}) < 3 or np.isnan(r2):
+        return print(f"plots/{prefix}_pareto.png; no law fitted: {len(points)} points, fewer than 3 runs or a "
+                     "constant prior score")
     _, low, high = kl.bootstrap_r2(x, y, groups=[r["run_id"] for r in points])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for method in methods + (["base"] if base else []):

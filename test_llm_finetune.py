@@ -35,6 +35,10 @@ class NoAccelerator:
     def clip_grad_norm_(parameters, max_norm):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    @staticmethod
+    def wait_for_everyone():
+        pass
+
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
@@ -229,6 +233,157 @@ def test_simpo_step_prefers_the_chosen_response(twin):
     before = gap()
     L.offline_step(experiment(tokenizer, args), make_run(model, 1e-3, "simpo"), examples)
     assert gap() > before
+
+
+# ---------------------------------------------------------------------------- the controls: self-SFT, SFT on RL samples, GRPO + KL
+
+
+def test_self_sft_targets_are_pi0s_first_correct_samples_and_sft_trains_on_those_ids(twin, monkeypatch):
+    tokenizer, base, path = twin
+    args = args_for(path, "--max-new-tokens", "4")
+    examples = [{"prompt": f"copy: {c * 3}", "answer": c} for c in "abcde"] + [{"prompt": "copy: zz", "answer": "none"}]
+
+    def reward(response, answer):  # about half of the samples, and never for the prompt whose answer is "none"
+        return float(answer != "none" and response[:1] < "m")
+
+    targets = L.sampled_targets(base, tokenizer, examples, args, 4, reward, seed=3)
+    # Independently: the same draws (same seed), then the first correct sample of each prompt, if any.
+    torch.manual_seed(3)
+    drawn, _ = L.sample(base, tokenizer, [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples], 4, 4)
+    expected = []
+    for i, ex in enumerate(examples):
+        correct = [r for r in drawn[4 * i:4 * i + 4] if reward(tokenizer.decode(r, skip_special_tokens=True), ex["answer"])]
+        if correct:
+            expected.append((ex["prompt"], correct[0]))
+    assert [(t["prompt"], t["response_ids"]) for t in targets] == expected
+    assert 0 < len(targets) < len(examples) and "copy: zz" not in [t["prompt"] for t in targets]
+    # The SFT step packs exactly those token ids as its targets (not a re-encoding of their text).
+    packed, real_pack = [], L.pack
+
+    def spy_pack(tokenizer, prompts, responses):
+        packed.extend(responses)
+        return real_pack(tokenizer, prompts, responses)
+
+    monkeypatch.setattr(L, "pack", spy_pack)
+    L.offline_step(experiment(tokenizer, args), make_run(copy.deepcopy(base), 1e-3, "self-sft"), targets)
+    assert sorted(packed) == sorted(t["response_ids"] for t in targets)
+
+
+def test_sft_distill_targets_are_the_teachers_unfiltered_samples(twin, tmp_path):
+    tokenizer, base, path = twin
+    teacher = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = args_for(path, "--max-new-tokens", "5", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path))
+    examples = [{"prompt": f"copy: {c * 4}", "answer": c} for c in "abcdefgh"]
+    exp = experiment(tokenizer, args, lambda response, answer: 0.0)
+    exp.data = {"rl": examples}
+    targets = L.policy_targets(exp, "sft-distill", None, tmp_path)  # loads the teacher folder, caches its samples
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+    torch.manual_seed(0)
+    teacher_samples, _ = L.sample(teacher, tokenizer, prompts, 1, 5)
+    torch.manual_seed(0)
+    base_samples, _ = L.sample(base, tokenizer, prompts, 1, 5)
+    assert [t["response_ids"] for t in targets] == teacher_samples  # every prompt, reward 0 or not
+    assert teacher_samples != base_samples
+    assert L.policy_targets(exp, "sft-distill", None, tmp_path) == targets  # the cache returns the same
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_grpo_kl_penalty_gradient_equals_an_independent_kl(twin, monkeypatch, direction):
+    """With equal rewards (advantage 0) the grpo-kl gradient is coef x the gradient of the token-mean KL
+    between pi and pi0 at the sampled positions, here computed one sequence at a time by torch.distributions,
+    in both directions; micro-batches accumulate to it."""
+    tokenizer, base, path = twin
+    args = args_for(path, "--group-size", "4", "--max-new-tokens", "5", "--micro-batch-tokens", "60",
+                     "--kl-direction", direction)
+    policy = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drawn, grads, real_sample = [], [], L.sample
+
+    def spy_sample(*args, **kwargs):
+        drawn.append(real_sample(*args, **kwargs))
+        return drawn[-1]
+
+    def spy_step(accelerator, run):
+        grads.append([p.grad.clone() for p in run.model.parameters()])
+
+    monkeypatch.setattr(L, "sample", spy_sample)
+    monkeypatch.setattr(L, "optimizer_step", spy_step)
+    examples = [{"prompt": "copy: abc", "answer": "abc"}, {"prompt": "sort: dcba", "answer": "abcd"}]
+    run = L.Run(policy, None, None, "grpo-kl", kl_coef=0.5, reference=base)
+    torch.manual_seed(0)
+    info = L.rl_step(experiment(tokenizer, args, lambda response, answer: 1.0), run, examples)
+    responses = drawn[0][0]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples for _ in range(4)]
+    assert len(L.micro_batches(prompts, responses, 60)) > 1
+    reference = copy.deepcopy(policy)
+    reference.zero_grad()
+    total, tokens = 0.0, sum(map(len, responses))
+    for prompt, response in zip(prompts, responses):
+        if response:
+            ids = torch.tensor([prompt + response])
+            logits = reference(ids).logits[0, len(prompt) - 1:-1]
+            with torch.no_grad():
+                base_logits = base(ids).logits[0, len(prompt) - 1:-1]
+            pi, pi0 = torch.distributions.Categorical(logits=logits), torch.distributions.Categorical(logits=base_logits)
+            pair = (pi, pi0) if direction == "reverse" else (pi0, pi)
+            total = total + torch.distributions.kl_divergence(*pair).sum()
+    (0.5 * total / tokens).backward()
+    assert info["kl_penalty"] == pytest.approx(total.item() / tokens, rel=1e-4) and info["kl_penalty"] > 1e-4
+    for got, want in zip(grads[0], [p.grad for p in reference.parameters()]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-3)
+
+
+def test_help_lists_every_method_and_shows_each_setups_defaults(capsys):
+    for argv, shown, other in ((["--help"], "completions per prompt; paper: 64 (default: 8)", "twin_copy"),
+                               (["--task", "math", "--help"], "completions per prompt; twin: 8 (default: 64)", "mmlu")):
+        with pytest.raises(SystemExit):
+            L.parse_args(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert shown in text and other in text
+        assert all(method in text for method in L.METHODS) and "--teacher" in text and "--measure" in text
+
+
+def test_measure_reproduces_the_in_training_rows_for_saved_models_and_lora_adapters(twin, tmp_path, monkeypatch):
+    """Models saved by a grpo-kl run and LoRA adapters saved by self-sft and sft-distill runs (the teacher is
+    the grpo-kl run's final model), measured afterwards with --measure, give the rows training wrote."""
+    _, _, path = twin
+    monkeypatch.chdir(tmp_path)  # the plots go to tmp_path/plots
+    # The untrained twin never writes a sum: reward the parity of the characters, so some samples are correct.
+    monkeypatch.setitem(L.REWARDS, "addition", lambda response, answer: float(sum(map(ord, response)) % 2))
+    common = ["--model", str(path), "--out", str(tmp_path / "out"), "--lr", "1e-3", "--steps", "2", "--eval-every", "1",
+              "--num-test", "4", "--kl-prompts", "4", "--kl-samples", "2", "--eval-samples", "2", "--max-new-tokens", "4",
+              "--eval-max-tokens", "6", "--prior-tasks", "twin_copy", "--prior-limit", "3", "--group-size", "2",
+              "--prompts-per-step", "2", "--batch-size", "4", "--sft-examples", "8", "--self-samples", "2",
+              "--warmup-steps", "0"]
+    L.main(common + ["--method", "grpo-kl", "--save-models", "every"])
+    models = tmp_path / "out" / "models"
+    (teacher,) = [d for d in models.iterdir() if d.name.endswith("grpo-kl-lr0.001-schedulerconstant-seed0-mu1-kl_coef0.1-epochs1")]
+    L.main(common + ["--method", "self-sft", "sft-distill", "--teacher", str(teacher / "step-2"), "--lora-rank", "4",
+                     "--save-models", "final"])
+    trained = {(r["run_id"], r["step"]): r for r in L.read_jsonl(tmp_path / "out" / "results.jsonl") if r["step"]}
+    assert {run_id.split("-lr")[0] for run_id, _ in trained} == {"grpo-kl", "self-sft", "sft-distill"}
+    folders = sorted(models.glob("*/step-*"))
+    assert len(folders) == 4 and sum((f / "adapter_config.json").is_file() for f in folders) == 2
+    L.main(common + ["--measure", *[f"{f.parent.name.split('-lr')[0].split('-', 2)[2]}={f}" for f in folders]])
+    measured = [r for r in L.read_jsonl(tmp_path / "out" / "measure.jsonl") if r["checkpoint"] != "base"]
+    assert len(measured) == 4
+    keys = ("new_task_acc", "new_task_acc_greedy", "prior_avg", "kl_seq", "kl_token", "k1_seq", "k3_seq")
+    for row in measured:
+        folder = Path(row["checkpoint"])
+        run_id = folder.parent.name.split("-", 2)[2]  # <task>-<fingerprint>-<run_id>
+        original = trained[(run_id, int(folder.name.split("-")[1]))]
+        assert row["method"] == original["method"] and row["prior"] == original["prior"]
+        assert {k: row[k] for k in keys} == pytest.approx({k: original[k] for k in keys}, abs=1e-6)
+    assert any(r["kl_seq"] > 0.01 for r in measured)
+    assert (tmp_path / "plots" / "llm_measure_pareto.png").is_file()
+    L.main(common + ["--measure", str(folders[0])])  # measured already: no new row
+    assert len(L.read_jsonl(tmp_path / "out" / "measure.jsonl")) == 5
 
 
 # ---------------------------------------------------------------------------- forward KL
