@@ -23,7 +23,6 @@ Results: one JSON line per evaluation point in <out>/results.jsonl and one per o
 skipped, finished points and steps are not written twice).
 """
 import argparse
-import gc
 import hashlib
 import itertools
 import json
@@ -32,6 +31,7 @@ import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,18 +46,39 @@ from transformers import (AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Co
 import kl
 
 TASKS = ("addition", "math", "science", "tools")
-METHODS = ("grpo", "reinforce", "sft", "simpo")
-ON_POLICY = ("grpo", "reinforce")
+# The 2x2 study (§5.1, Fig. 4) and its controls: GRPO with a KL penalty to pi0 (Fig. 3's "RL + KL reg."),
+# SFT on pi0's own correct samples (the LLM counterpart of ParityMNIST's oracle SFT, §3, Lemma A.1) and SFT
+# on a trained RL policy's samples (Fig. 9).
+METHODS = ("grpo", "grpo-kl", "reinforce", "sft", "self-sft", "sft-distill", "simpo")
+ON_POLICY = ("grpo", "grpo-kl", "reinforce")
+SFT_LOSS = ("sft", "self-sft", "sft-distill")  # cross-entropy on a fixed set of targets; they differ in the targets
 # The paper's six prior benchmarks (§4.1). humaneval_instruct, not humaneval: the completion task scored
 # under a chat template cuts the answer's code fence at its first "\ndef" and scores about 0.
 PAPER_PRIOR_TASKS = "hellaswag,truthfulqa_mc2,mmlu,ifeval,winogrande,humaneval_instruct"
 TWIN_PRIOR_TASKS = "twin_copy,twin_reverse,twin_sort"
-# Learning-rate grids: the paper's Table 2 (RL; SFT, shared by SimPO, §5.1); the twin is a 0.8M-parameter
-# model whose useful learning rates span 3e-5 (slow) to 1e-3 (destructive in 100 steps).
-PAPER_LRS = {"grpo": [1e-5, 2e-5, 3e-5, 4e-5, 5e-5], "reinforce": [1e-5, 3e-5, 5e-5],
-             "sft": [1e-5, 3e-5, 5e-5, 7e-5, 9e-5], "simpo": [1e-5, 3e-5, 5e-5]}
-TWIN_LRS = {"grpo": [3e-5, 1e-4, 3e-4, 1e-3], "reinforce": [1e-4, 3e-4], "sft": [3e-5, 1e-4, 3e-4, 1e-3],
-            "simpo": [1e-4, 3e-4]}
+# The one place where a default depends on the setup: the twin (--task addition) or the paper's real path
+# (any other task; §4.1, Table 2). `--help` shows the defaults of the setup its --task selects, and names
+# the other setup's value: `python llm_finetune.py --task math --help` lists the paper's.
+SETUPS = {
+    "twin": {"group_size": 8, "warmup_steps": 5, "max_new_tokens": 24, "eval_max_tokens": 24,
+             "max_seq_len": 128, "micro_batch_tokens": 8192, "precision": "fp32", "gradient_checkpointing": False,
+             "batch_size": [32], "rl_prompts": 1024, "sft_examples": 4096, "eval_every": 16,
+             "prior_tasks": TWIN_PRIOR_TASKS, "prior_limit": 100},
+    "paper": {"group_size": 64, "warmup_steps": 50, "max_new_tokens": 1024, "eval_max_tokens": 4096,
+              "max_seq_len": 4096, "micro_batch_tokens": 4096, "precision": "mixed", "gradient_checkpointing": True,
+              "batch_size": [16, 32, 64, 128], "rl_prompts": 4096, "sft_examples": 100_000, "eval_every": 25,
+              "prior_tasks": PAPER_PRIOR_TASKS, "prior_limit": None},
+}
+# Learning-rate grids: the paper's Table 2 (RL; SFT, shared by SimPO and the SFT controls, §5.1); the twin is a
+# 0.8M-parameter model whose useful learning rates span 3e-5 (slow) to 1e-3 (destructive in 100 steps).
+LR_GRIDS = {
+    "twin": {"grpo": [3e-5, 1e-4, 3e-4, 1e-3], "grpo-kl": [1e-4, 3e-4], "reinforce": [1e-4, 3e-4],
+             "sft": [3e-5, 1e-4, 3e-4, 1e-3], "self-sft": [1e-4, 3e-4], "sft-distill": [1e-4, 3e-4],
+             "simpo": [1e-4, 3e-4]},
+    "paper": {"grpo": [1e-5, 2e-5, 3e-5, 4e-5, 5e-5], "grpo-kl": [1e-5, 3e-5, 5e-5], "reinforce": [1e-5, 3e-5, 5e-5],
+              "sft": [1e-5, 3e-5, 5e-5, 7e-5, 9e-5], "self-sft": [1e-5, 3e-5, 5e-5],
+              "sft-distill": [1e-5, 3e-5, 5e-5], "simpo": [1e-5, 3e-5, 5e-5]},
+}
 # The oldest versions whose APIs this file calls: lm-eval's TaskManager.load (0.4.12), transformers 5's
 # `dtype=` and `logits_to_keep`, accelerate's free_memory.
 VERSION_FLOORS = {"lm_eval": "0.4.12", "transformers": "5.0", "accelerate": "1.0", "math-verify": "0.7",
@@ -74,31 +95,45 @@ ARCHITECTURES = {
 
 
 def parse_args(argv=None):
+    # --task picks the setup whose defaults the parser (and --help) shows: read it first.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="addition")
+    task = pre.parse_known_args(argv)[0].task
+    setup_name = "twin" if task == "addition" else "paper"
+    setup, other_name = SETUPS[setup_name], "paper" if setup_name == "twin" else "twin"
+
+    def other(name):
+        """Help text naming the other setup's default."""
+        return f"; {other_name}: {SETUPS[other_name][name]}"
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and task")
-    g.add_argument("--model", default="runs/llm/twin", help="hub id or local directory (the twin by default)")
-    g.add_argument("--task", default="addition", help=f"new task, one of {', '.join(TASKS)}")
+    p.set_defaults(**setup)
+    g = p.add_argument_group(f"model and task (defaults shown: the {setup_name} setup, from --task {task})")
+    g.add_argument("--model", default="runs/llm/twin", help="pi0: hub id or local directory (the twin by default)")
+    g.add_argument("--task", default="addition", help=f"new task, one of {', '.join(TASKS)}; addition = the twin "
+                   "setup, the others = the paper's setup")
     g.add_argument("--data-file", help="local JSON/JSONL with prompt/answer[/response/rejected] "
                    "fields instead of the hub source (schema in docs/llm_finetune.md)")
     g.add_argument("--num-test", type=int, default=200, help="held-out new-task prompts for accuracy")
     g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning (the paper); >0 = peft LoRA")
-    g.add_argument("--precision", choices=["fp32", "mixed", "bf16"],
-                   help="fp32; mixed = fp32 master weights, bf16 autocast compute; bf16 = bf16 weights, which "
-                   "swallow small updates (default: mixed on the real path, fp32 for the twin)")
+    g.add_argument("--precision", choices=["fp32", "mixed", "bf16"], help="fp32; mixed = fp32 master weights, "
+                   "bf16 autocast compute; bf16 = bf16 weights, which swallow small updates" + other("precision"))
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="default: on for the real path, off for the twin")
+                   help="recompute activations in the backward pass" + other("gradient_checkpointing"))
     g = p.add_argument_group("method and sweep (each listed value is swept)")
     g.add_argument("--method", nargs="+", default=["grpo"], help=f"any of {', '.join(METHODS)}")
-    g.add_argument("--lr", nargs="+", type=float, help="default: the paper's grid, or the twin's")
+    grids = "; ".join(f"{m} {' '.join(f'{lr:g}' for lr in lrs)}" for m, lrs in LR_GRIDS[setup_name].items())
+    g.add_argument("--lr", nargs="+", type=float, help=f"learning rates for every method (default: each "
+                   f"method's grid: {grids})")
     g.add_argument("--scheduler", nargs="+", default=["constant"], choices=["constant", "cosine"])
-    g.add_argument("--warmup-steps", type=int, help="default 50 (the paper), 5 for the twin")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps" + other("warmup_steps"))
     g.add_argument("--seed", nargs="+", type=int, default=[0])
     g.add_argument("--epochs", nargs="+", type=int, default=[1], help="passes over the RL prompts or the "
                    "SFT data (paper: 1 for RL, {1, 2} for SFT)")
     g.add_argument("--steps", type=int, help="optimizer steps per run, overriding --epochs")
-    g = p.add_argument_group("RL (GRPO, 1-0 REINFORCE)")
-    g.add_argument("--group-size", type=int, help="completions per prompt (paper 64, twin 8)")
+    g = p.add_argument_group("RL (GRPO, GRPO+KL, 1-0 REINFORCE)")
+    g.add_argument("--group-size", type=int, help="completions per prompt" + other("group_size"))
     g.add_argument("--prompts-per-step", type=int, default=8, help="prompts per generation round (paper 8)")
     g.add_argument("--mu", nargs="+", type=int, default=[1], help="updates per generation round; "
                    "mu > 1 uses the clipped ratio (paper: {1, 2})")
@@ -106,29 +141,39 @@ def parse_args(argv=None):
     g.add_argument("--scale-rewards", choices=["none", "group"], default="none",
                    help="GRPO advantage: none = r - mean (Dr. GRPO, the paper's loss type); group = divided "
                    "by the group's std (TRL's GRPOTrainer default)")
-    g.add_argument("--rl-prompts", type=int, help="training prompts for RL (one epoch; paper: all)")
-    g.add_argument("--max-new-tokens", type=int, help="rollout length cap (default 1024, twin 24)")
-    g = p.add_argument_group("SFT and SimPO")
-    g.add_argument("--batch-size", nargs="+", type=int, help="examples per step (paper {16,32,64,128})")
-    g.add_argument("--sft-examples", type=int, help="training examples for SFT/SimPO")
+    g.add_argument("--kl-coef", nargs="+", type=float, default=[0.1], help="grpo-kl: coefficient of the KL "
+                   "penalty to pi0 (the paper's RL + KL reg. uses 0.1, §3)")
+    g.add_argument("--kl-direction", choices=["reverse", "forward"], default="reverse",
+                   help="grpo-kl: reverse KL(pi || pi0) (the GRPO/RLHF regulariser) or forward KL(pi0 || pi) "
+                   "(what the forgetting law measures), exact over the vocabulary at every sampled position")
+    g.add_argument("--rl-prompts", type=int, help="training prompts for RL (one epoch)" + other("rl_prompts"))
+    g.add_argument("--max-new-tokens", type=int, help="rollout length cap" + other("max_new_tokens"))
+    g = p.add_argument_group("SFT, its controls, and SimPO")
+    g.add_argument("--batch-size", nargs="+", type=int, help="examples per step" + other("batch_size"))
+    g.add_argument("--sft-examples", type=int, help="training prompts/examples for the SFT methods and SimPO"
+                   + other("sft_examples"))
+    g.add_argument("--self-samples", type=int, default=8, help="self-sft: pi0 samples drawn per prompt; the "
+                   "first correct one is the target (prompts with none are left out)")
+    g.add_argument("--teacher", help="sft-distill: the trained RL policy whose samples (one per prompt, "
+                   "temperature 1, unfiltered) are the targets: a model folder saved with --save-models")
     g.add_argument("--max-seq-len", type=int, help="prompt + target (SFT) or prompt + rollout (RL) tokens; "
-                   "longer training examples are dropped and counted (default 4096, twin 128)")
+                   "longer training examples are dropped and counted" + other("max_seq_len"))
     g = p.add_argument_group("memory")
     g.add_argument("--micro-batch-tokens", type=int, help="padded tokens per forward/backward pass; "
-                   "sequences are grouped by length (default 4096, twin 8192)")
+                   "sequences are grouped by length" + other("micro_batch_tokens"))
     g.add_argument("--generate-tokens", type=int, default=262_144, help="prompt + new tokens per generate() "
                    "call (the KV cache's size), at most 256 sequences")
     g.add_argument("--kl-cache-gb", type=float, default=4.0, help="keep pi0's log-probs on disk up to this "
                    "size; above it they are recomputed from a frozen pi0 at each evaluation")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-max-tokens", type=int, help="length cap of test answers and of pi0's KL samples "
-                   "(default 4096, twin 24)")
-    g.add_argument("--eval-every", type=int, help="optimizer steps between evaluation points")
+    g.add_argument("--eval-max-tokens", type=int, help="length cap of test answers and of pi0's KL samples"
+                   + other("eval_max_tokens"))
+    g.add_argument("--eval-every", type=int, help="optimizer steps between evaluation points" + other("eval_every"))
     g.add_argument("--eval-samples", type=int, default=4, help="temperature-1 samples per test prompt")
     g.add_argument("--kl-prompts", type=int, default=128, help="new-task prompts for forward KL")
     g.add_argument("--kl-samples", type=int, default=2, help="pi0 samples per KL prompt")
-    g.add_argument("--prior-tasks", help=f"lm-eval tasks (default {PAPER_PRIOR_TASKS}; twin: {TWIN_PRIOR_TASKS})")
-    g.add_argument("--prior-limit", type=float, help="lm-eval limit per task (default: all; twin 100)")
+    g.add_argument("--prior-tasks", help="comma-separated lm-eval tasks" + other("prior_tasks"))
+    g.add_argument("--prior-limit", type=float, help="lm-eval limit per task (None: all)" + other("prior_limit"))
     g.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: the task's own)")
     g.add_argument("--no-chat-template", action="store_true", help="score prior tasks without the chat template")
     g.add_argument("--allow-unsafe-code", action="store_true", help="consent to humaneval's code execution")
@@ -136,8 +181,13 @@ def parse_args(argv=None):
     g.add_argument("--eval-timeout-min", type=int, default=360, help="multi-GPU: how long the other processes "
                    "wait for the main process's evaluation (the collective timeout; NCCL's default is 10)")
     g = p.add_argument_group("what to do")
+    g.add_argument("--measure", nargs="+", metavar="[NAME=]CHECKPOINT", help="measure fine-tuned checkpoints of "
+                   "--model (hub ids, model folders, LoRA adapter folders) on --task and --prior-tasks: one row "
+                   "each in <out>/measure.jsonl, then plots/llm_measure_*.png; NAME labels a series in the plots")
+    g.add_argument("--save-models", choices=["none", "final", "every"], default="none", help="save_pretrained "
+                   "each run's model (LoRA: its adapter) at its last / every evaluation point under <out>/models")
     g.add_argument("--build-twin", action="store_true", help="build and pretrain the twin at --model")
-    g.add_argument("--twin-steps", type=int, default=3000, help="pretraining steps of the twin")
+    g.add_argument("--twin-steps", type=int, default=2000, help="pretraining steps of the twin")
     g.add_argument("--build-random", choices=list(ARCHITECTURES), help="save a random-weight model of this "
                    "architecture (character tokenizer padded to its vocabulary) at --model and exit")
     g.add_argument("--plot", action="store_true", help="draw plots/llm_*.png from the results and exit")
@@ -157,23 +207,13 @@ def parse_args(argv=None):
         p.error("--mu must be >= 1")
     if args.data_file and not Path(args.data_file).is_file():
         p.error(f"--data-file {args.data_file} does not exist")
-    twin = args.task == "addition"
-    args.group_size = args.group_size or (8 if twin else 64)
-    args.warmup_steps = (5 if twin else 50) if args.warmup_steps is None else args.warmup_steps
-    args.max_new_tokens = args.max_new_tokens or (24 if twin else 1024)
-    args.eval_max_tokens = args.eval_max_tokens or (24 if twin else 4096)
-    args.max_seq_len = args.max_seq_len or (128 if twin else 4096)
-    args.micro_batch_tokens = args.micro_batch_tokens or (8192 if twin else 4096)
-    args.precision = args.precision or ("fp32" if twin else "mixed")
-    if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = not twin
-    args.batch_size = args.batch_size or ([32] if twin else [16, 32, 64, 128])
-    args.rl_prompts = args.rl_prompts or (1024 if twin else 4096)
-    args.sft_examples = args.sft_examples or (4096 if twin else 100_000)
-    args.eval_every = args.eval_every or (16 if twin else 25)
-    args.prior_tasks = (args.prior_tasks or (TWIN_PRIOR_TASKS if twin else PAPER_PRIOR_TASKS)).split(",")
-    args.prior_limit = args.prior_limit or (100 if twin else None)
-    args.lr_grid = {m: args.lr or (TWIN_LRS if twin else PAPER_LRS)[m] for m in METHODS}
+    if "sft-distill" in args.method and not args.measure and not args.teacher:
+        p.error("sft-distill needs --teacher, a trained RL policy's folder (e.g. from --save-models final)")
+    if args.teacher and not Path(args.teacher).is_dir():
+        p.error(f"--teacher {args.teacher} is not a model folder")
+    if isinstance(args.prior_tasks, str):
+        args.prior_tasks = args.prior_tasks.split(",")
+    args.lr_grid = {m: args.lr or LR_GRIDS[setup_name][m] for m in METHODS}
     return args
 
 
@@ -211,6 +251,9 @@ CHAT_TEMPLATE = (
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PRIOR_TWIN_TASKS = ("copy", "reverse", "sort")
 BASE_CORRECT_PROB = 0.5  # fraction of correct sums in the twin's pretraining source (§ "The CPU twin")
+# Prior-task strings are 5-14 letters: exact match on long strings turns a small per-character change into
+# a lost answer, so the prior score can move over a wide range (at 3-8 letters it stayed at 0.94-0.997).
+PRIOR_LENGTHS = (5, 14)
 
 
 def build_char_tokenizer(vocab_size=None):
@@ -254,12 +297,12 @@ def build_random_model(path, name, seed=0):
 
 
 def twin_example(task, rng):
-    """One synthetic example: {"prompt", "answer"}. Prior tasks act on 3-8 letters; the new task
+    """One synthetic example: {"prompt", "answer"}. Prior tasks act on PRIOR_LENGTHS letters; the new task
     adds two 2-digit numbers."""
     if task == "addition":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return {"prompt": f"add: {a}+{b}", "answer": str(a + b)}
-    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*PRIOR_LENGTHS)))
     answer = {"copy": s, "reverse": s[::-1], "sort": "".join(sorted(s))}[task]
     return {"prompt": f"{task}: {s}", "answer": answer}
 
@@ -655,79 +698,123 @@ def decode(tokenizer, response):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. The updates (the lesson): GRPO / 1-0 REINFORCE on own samples, SFT / SimPO on fixed data
+# 4. The updates (the lesson): GRPO (with or without a KL penalty) / 1-0 REINFORCE on the policy's own
+#    samples; SFT on fixed targets (a teacher's, pi0's own correct samples, an RL policy's samples); SimPO
 # --------------------------------------------------------------------------------------------------
 
 
-def rl_step(accelerator, model, optimizer, scheduler, tokenizer, prompts, answers, reward_fn, args, method, mu):
-    """One generation round of GRPO (Dr. GRPO) or 1-0 REINFORCE, then mu optimizer steps on it.
+@dataclass
+class Experiment:
+    """What every run of a sweep shares: the process group, pi0's tokenizer, the settings, the new task's
+    checker and data, and the evaluation (pi0's KL samples, the prior tasks)."""
+    accelerator: object
+    tokenizer: object
+    args: argparse.Namespace
+    reward_fn: object
+    data: dict = None
+    test: list = None
+    base_samples: object = None
+    prior: object = None
+
+
+@dataclass
+class Run:
+    """One fine-tuning run: the policy, its optimizer and schedule, and its method's settings."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    method: str
+    mu: int = 1
+    kl_coef: float = 0.0
+    reference: torch.nn.Module = None  # the frozen pi0 of grpo-kl's penalty
+
+
+def rl_step(exp, run, examples):
+    """One generation round of GRPO (Dr. GRPO), GRPO + KL or 1-0 REINFORCE, then mu optimizer steps on it.
 
     The paper's Table 2: group of G completions per prompt, binary reward, no KL penalty, loss type
     Dr. GRPO (Liu et al., 2025): token terms summed and divided by a constant (batch x max_new_tokens),
     advantage r - mean_G(r) (--scale-rewards group divides by the group's std, as TRL does by default).
-    1-0 REINFORCE (§5.1): advantage = reward. With mu > 1 the later steps reuse the samples through
+    1-0 REINFORCE (§5.1): advantage = reward. grpo-kl adds kl_coef x KL(pi || pi0) (--kl-direction reverse;
+    forward: KL(pi0 || pi)), exact over the vocabulary at every sampled position and averaged over the
+    round's response tokens (§3's "RL + KL reg."). With mu > 1 the later steps reuse the samples through
     the clipped ratio to the sampling policy.
     """
+    args, tokenizer, model = exp.args, exp.tokenizer, run.model
     model.eval()
     started = time.perf_counter()
+    prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
     with autocast(args):
-        responses, truncated = sample(accelerator.unwrap_model(model), tokenizer, prompts, args.group_size,
+        responses, truncated = sample(exp.accelerator.unwrap_model(model), tokenizer, prompts, args.group_size,
                                       args.max_new_tokens, max_tokens=args.generate_tokens)
     rollout_s = time.perf_counter() - started
-    rewards = torch.tensor([reward_fn(decode(tokenizer, r), answers[i // args.group_size])
+    rewards = torch.tensor([exp.reward_fn(decode(tokenizer, r), examples[i // args.group_size]["answer"])
                             for i, r in enumerate(responses)]).view(len(prompts), args.group_size)
-    if method == "grpo":
-        advantages = kl.group_advantages(rewards, normalize_std=args.scale_rewards == "group").flatten()
-    else:
+    if run.method == "reinforce":
         advantages = kl.reinforce_advantages(rewards).flatten()
+    else:
+        advantages = kl.group_advantages(rewards, normalize_std=args.scale_rewards == "group").flatten()
     flat_prompts = [p for p in prompts for _ in range(args.group_size)]
     groups = micro_batches(flat_prompts, responses, args.micro_batch_tokens)
-    batches = [pack(tokenizer, [flat_prompts[i] for i in g], [responses[i] for i in g]) for g in groups]
+    batches = [pack(tokenizer, [flat_prompts[i] for i in group], [responses[i] for i in group]) for group in groups]
+    response_tokens = max(1, sum(map(len, responses)))
     old_logprobs = None
-    if mu > 1:  # log-probs of the policy that sampled, for the clipped ratio of the later iterations
+    if run.mu > 1:  # log-probs of the policy that sampled, for the clipped ratio of the later iterations
         with torch.no_grad(), autocast(args):
-            old_logprobs = [response_logprobs(model, b) for b in batches]
+            old_logprobs = [response_logprobs(model, batch) for batch in batches]
     model.train()
-    clipped, kl_to_sampler = [], []
-    for iteration in range(mu):
+    clipped, kl_to_sampler, penalty_sum = [], [], 0.0
+    for iteration in range(run.mu):
         for k, (group, batch) in enumerate(zip(groups, batches)):
             with autocast(args):
-                logprobs = response_logprobs(model, batch)
+                logits = forward_logits(model, batch)
+            logprobs = kl.token_logprobs(logits, batch["response_ids"].to(logits.device))
             mask = batch["response_mask"].to(logprobs.device)
             old = None if old_logprobs is None else old_logprobs[k]
             loss = kl.policy_gradient_loss(logprobs, advantages[group].to(logprobs.device), mask, old_logprobs=old,
                                            clip_eps=args.clip_eps, aggregation="constant",
                                            max_tokens=args.max_new_tokens)
-            accelerator.backward(loss * len(group) / len(responses))  # micro-batches sum to the batch loss
+            loss = loss * len(group) / len(responses)  # micro-batches sum to the batch loss
+            if run.method == "grpo-kl":
+                with torch.no_grad(), autocast(args):
+                    base_logits = forward_logits(run.reference, batch)
+                penalty = kl.kl_penalty(base_logits, logits, mask, direction=args.kl_direction)
+                loss = loss + run.kl_coef * penalty * mask.sum() / response_tokens
+                penalty_sum += penalty.item() * mask.sum().item() / response_tokens / run.mu
+            exp.accelerator.backward(loss)
             if iteration > 0:  # how far the policy moved from the sampler, on its own tokens
                 log_ratio = (logprobs - old).detach()
                 clipped.append(((log_ratio.exp() - 1).abs() > args.clip_eps)[mask.bool()].float().mean().item())
                 kl_to_sampler.append(kl.kl_estimators(old, logprobs.detach(), mask)["k3"].mean().item())
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler)
+        grad_norm = optimizer_step(exp.accelerator, run)
     lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
     return {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
             "zero_variance_groups": (rewards.std(-1, correction=0) == 0).float().mean().item(),
             "response_len": lengths.mean().item(), "truncated": truncated, "grad_norm": grad_norm,
+            "kl_penalty": penalty_sum if run.method == "grpo-kl" else None,
             "clip_fraction": float(np.mean(clipped)) if clipped else None,
             "kl_to_sampler_k3": float(np.mean(kl_to_sampler)) if kl_to_sampler else None,
             "rollout_s": rollout_s, "update_s": time.perf_counter() - started - rollout_s,
             "generated_tokens": sum(map(len, responses)),
-            "update_tokens": mu * sum(int(b["attention_mask"].sum()) for b in batches)}
+            "update_tokens": run.mu * sum(int(b["attention_mask"].sum()) for b in batches)}
 
 
-def offline_step(accelerator, model, optimizer, scheduler, tokenizer, examples, args, method):
-    """One optimizer step of SFT (cross-entropy on the reference response, prompt masked, averaged over
-    the step's response tokens) or SimPO (chosen = reference response, rejected = the example's
-    negative; sequence log-probs, margin 1, averaged over examples)."""
+def offline_step(exp, run, examples):
+    """One optimizer step of SFT (cross-entropy on the target response, prompt masked, averaged over the
+    step's response tokens: a teacher's text, or the token ids a policy sampled for self-sft / sft-distill)
+    or SimPO (chosen = reference response, rejected = the example's negative; sequence log-probs, margin 1,
+    averaged over examples)."""
+    tokenizer, model = exp.tokenizer, run.model
     model.train()
     prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
-    chosen_ids = [encode_response(tokenizer, ex["response"]) for ex in examples]
+    chosen_ids = [ex["response_ids"] if "response_ids" in ex else encode_response(tokenizer, ex["response"])
+                  for ex in examples]
     response_tokens = sum(map(len, chosen_ids))
     started, tokens, total_loss = time.perf_counter(), 0, 0.0
-    for group in micro_batches(prompts, chosen_ids, args.micro_batch_tokens):
+    for group in micro_batches(prompts, chosen_ids, exp.args.micro_batch_tokens):
         chosen = pack(tokenizer, [prompts[i] for i in group], [chosen_ids[i] for i in group])
-        with autocast(args):
-            if method == "sft":
+        with autocast(exp.args):
+            if run.method in SFT_LOSS:
                 loss = sft_batch_loss(model, chosen)
                 weight = int(chosen["response_mask"].sum()) / response_tokens
             else:
@@ -736,12 +823,38 @@ def offline_step(accelerator, model, optimizer, scheduler, tokenizer, examples, 
                 loss = kl.simpo_loss(sequence_logprob(model, chosen), sequence_logprob(model, rejected))
                 weight = len(group) / len(examples)
                 tokens += int(rejected["attention_mask"].sum())
-        accelerator.backward(loss * weight)
+        exp.accelerator.backward(loss * weight)
         total_loss += loss.item() * weight
         tokens += int(chosen["attention_mask"].sum())
-    grad_norm = optimizer_step(accelerator, model, optimizer, scheduler)
+    grad_norm = optimizer_step(exp.accelerator, run)
     return {"loss": total_loss, "grad_norm": grad_norm, "update_tokens": tokens,
             "update_s": time.perf_counter() - started}
+
+
+def sampled_targets(model, tokenizer, examples, args, samples_per_prompt, reward_fn=None, seed=0):
+    """SFT targets sampled from a policy at temperature 1, kept as the sampled token ids (EOS included when
+    the sample ended), so the SFT loss is computed on exactly those samples.
+
+    self-sft (reward_fn given): `samples_per_prompt` samples of pi0 per prompt; the first correct one is the
+    target, a draw from pi0 restricted to its correct responses, pi0(y | x, correct): the LLM counterpart of
+    ParityMNIST's oracle (§3, Lemma A.1; kl.restrict_to_correct). Prompts with no correct sample are left out.
+    sft-distill (reward_fn None): one sample of the teacher per prompt, kept whatever its reward (Fig. 9:
+    labels sampled from an RL-trained policy)."""
+    prompts = [chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+    with torch.random.fork_rng(), autocast(args):
+        torch.manual_seed(seed)
+        responses, _ = sample(model, tokenizer, prompts, samples_per_prompt, args.max_new_tokens,
+                              max_tokens=args.generate_tokens)
+    targets = []
+    for i, ex in enumerate(examples):
+        drawn = responses[i * samples_per_prompt:(i + 1) * samples_per_prompt]
+        if reward_fn is None:
+            kept = drawn[0]
+        else:
+            kept = next((r for r in drawn if reward_fn(decode(tokenizer, r), ex["answer"])), None)
+        if kept is not None:
+            targets.append({"prompt": ex["prompt"], "answer": ex["answer"], "response_ids": kept})
+    return targets
 
 
 def sequence_logprob(model, batch):
@@ -756,13 +869,13 @@ def sft_batch_loss(model, batch):
     return kl.sft_loss(logits, batch["response_ids"].to(logits.device), batch["response_mask"].to(logits.device))
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler):
+def optimizer_step(accelerator, run):
     """AdamW step with max grad norm 1 (the paper's Table 2), then the LR schedule. Returns the
     gradient norm before clipping."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
 
 
@@ -1015,29 +1128,51 @@ def load_model(args, device):
     return model.to(device)
 
 
+def load_finetuned(args, location, device):
+    """A fine-tuned checkpoint of pi0 for --measure and --teacher: a LoRA adapter folder (adapter_config.json,
+    as peft and TRL save it) is applied to --model; anything else (a model folder, e.g. a TRL checkpoint-N
+    folder, or a hub id) is loaded whole."""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    try:
+        if (Path(location) / "adapter_config.json").is_file():
+            from peft import PeftModel
+            base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+            model = PeftModel.from_pretrained(base, location)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot load checkpoint {location!r}: {type(error).__name__}: "
+                 f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}")
+    return model.to(device).eval()
+
+
 def sweep(args):
     """Every configuration to run: the product of the listed values that apply to each method."""
     for method in args.method:
-        shape = (args.mu, [None], args.epochs) if method in ON_POLICY else ([None], args.batch_size, args.epochs)
-        for lr, scheduler, seed, (mu, batch_size, epochs) in itertools.product(
-                args.lr_grid[method], args.scheduler, args.seed, itertools.product(*shape)):
-            config = {"method": method, "lr": lr, "scheduler": scheduler, "seed": seed, "mu": mu,
-                      "batch_size": batch_size, "epochs": epochs}
-            config = {k: v for k, v in config.items() if v is not None}
-            yield "-".join(f"{k}{v}" if k != "method" else v for k, v in config.items()), config
+        axes = {"lr": args.lr_grid[method], "scheduler": args.scheduler, "seed": args.seed}
+        if method in ON_POLICY:
+            axes["mu"] = args.mu
+        if method == "grpo-kl":
+            axes["kl_coef"] = args.kl_coef
+        if method not in ON_POLICY:
+            axes["batch_size"] = args.batch_size
+        axes["epochs"] = args.epochs
+        for values in itertools.product(*axes.values()):
+            config = dict(zip(axes, values))
+            yield "-".join([method] + [f"{k}{v}" for k, v in config.items()]), {"method": method, **config}
 
 
 def model_fingerprint(name):
     """Short hash of a model's name and, for a local directory, its weight files' sizes and times:
     results and caches of a rebuilt twin never mix with the old ones."""
     files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []
-    stamp = [name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stamp = [str(name)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:10]
 
 
 def run_settings(args):
     """The settings stored with every result row (everything that shapes a number)."""
-    skip = ("build_twin", "twin_steps", "build_random", "plot", "bench", "out", "threads", "lr_grid")
+    skip = ("build_twin", "twin_steps", "build_random", "plot", "bench", "out", "threads", "lr_grid", "measure")
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
 
 
@@ -1050,23 +1185,24 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate(model, tokenizer, test, reward_fn, base_samples, prior, args):
+def evaluate(exp, model):
     """One evaluation point. Every random state is restored afterwards (lm-eval reseeds torch, numpy
     and random), so training draws the same numbers whether a point is evaluated or skipped on resume."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(), autocast(args):
-        point = new_task_accuracy(model, tokenizer, test, reward_fn, args, seed=10_000)
-        point.update(base_samples.forward_kl(model))
-        point.update(prior.scores(model, tokenizer))
+    with torch.random.fork_rng(), autocast(exp.args):
+        point = new_task_accuracy(model, exp.tokenizer, exp.test, exp.reward_fn, exp.args, seed=10_000)
+        point.update(exp.base_samples.forward_kl(model))
+        point.update(exp.prior.scores(model, exp.tokenizer))
     random.setstate(python_state)
     np.random.set_state(numpy_state)
-    point["kl_truncated"] = base_samples.truncated
+    point["kl_truncated"] = exp.base_samples.truncated
     return point
 
 
 def training_data(train, tokenizer, args):
     """RL prompts and SFT/SimPO examples within --max-seq-len, and how many were dropped for length
-    (prompt + max_new_tokens for RL; prompt + target, and prompt + rejected, for SFT/SimPO)."""
+    (prompt + max_new_tokens for RL, self-sft and sft-distill; prompt + target, and prompt + rejected, for
+    SFT/SimPO)."""
     rl, offline, dropped = [], [], {"rl": 0, "offline": 0}
     for ex in train[:max(args.rl_prompts, args.sft_examples) * 2]:
         prompt_len = len(chat_prompt(tokenizer, ex["prompt"]))
@@ -1083,46 +1219,69 @@ def training_data(train, tokenizer, args):
     return rl, offline, dropped
 
 
+def policy_targets(exp, method, base_model, out):
+    """self-sft's or sft-distill's targets (sampled_targets) on the first --sft-examples RL prompts, drawn
+    once by the main process and cached in <out>, so every learning rate and seed trains on the same ones."""
+    args = exp.args
+    source = args.model if method == "self-sft" else args.teacher
+    key = [model_fingerprint(source), args.sft_examples, args.self_samples, args.max_new_tokens, args.precision]
+    path = out / f"targets-{method}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.pt"
+    if exp.accelerator.is_main_process and not path.exists():
+        examples = exp.data["rl"][:args.sft_examples]
+        if method == "self-sft":
+            targets = sampled_targets(base_model, exp.tokenizer, examples, args, args.self_samples, exp.reward_fn)
+        else:
+            teacher = load_finetuned(args, args.teacher, exp.accelerator.device)
+            targets = sampled_targets(teacher, exp.tokenizer, examples, args, 1)
+            del teacher
+        torch.save(targets, path)
+        correct = sum(exp.reward_fn(decode(exp.tokenizer, t["response_ids"]), t["answer"]) for t in targets)
+        print(f"{method}: {len(targets)} targets from {len(examples)} prompts, {correct:.0f} of them correct")
+    exp.accelerator.wait_for_everyone()
+    return torch.load(path)
+
+
 def checkpoint_path(args, run_id):
     return Path(args.out) / "checkpoints" / f"{args.task}-{model_fingerprint(args.model)}-{run_id}.pt"
 
 
-def save_checkpoint(path, model, optimizer, scheduler, step, progress):
+def save_checkpoint(path, run, step, progress):
     """The trainable weights (the adapter only, for LoRA), optimizer, schedule and RNG at `step`; written
     to a temporary file and renamed, so an interruption never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    trainable = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress,
+    trainable = {name: p.detach().cpu() for name, p in run.model.named_parameters() if p.requires_grad}
+    state = {"step": step, "model": trainable, "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
-def load_checkpoint(path, model, optimizer, scheduler):
+def load_checkpoint(path, run):
     """Restore what save_checkpoint wrote; returns (step, progress)."""
     state = torch.load(path, weights_only=False)
-    missing = set(state["model"]) - {name for name, _ in model.named_parameters()}
+    missing = set(state["model"]) - {name for name, _ in run.model.named_parameters()}
     if missing:
         sys.exit(f"error: checkpoint {path} does not fit this model ({len(missing)} unknown tensors); delete it")
-    model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    run.model.load_state_dict(state["model"], strict=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["progress"]
 
 
-def train_run(run_id, config, context, args):
+def train_run(exp, run_id, config):
     """Fine-tune a fresh copy of pi0 with one configuration, evaluating every --eval-every steps and
     saving a checkpoint there; an interrupted run resumes from its last checkpoint (same numbers)."""
-    accelerator, tokenizer, data, test, reward_fn, base_samples, prior, out = context
-    method, mu = config["method"], config.get("mu", 1)
+    args, accelerator, data = exp.args, exp.accelerator, exp.data
+    method, out = config["method"], Path(args.out)
     results_path, log_path, ckpt = out / "results.jsonl", out / "train_log.jsonl", checkpoint_path(args, run_id)
     fingerprint = model_fingerprint(args.model)
-    done_steps = {r["step"] for r in read_jsonl(results_path) if r["run_id"] == run_id
-                  and r.get("fingerprint") == fingerprint and r["task"] == args.task}
+    mine = [r for r in read_jsonl(results_path) if r["run_id"] == run_id and r.get("fingerprint") == fingerprint
+            and r["task"] == args.task]
+    done_steps = {r["step"] for r in mine}
     logged_steps = {r["step"] for r in read_jsonl(log_path) if r["run_id"] == run_id
                     and r.get("fingerprint") == fingerprint and r["task"] == args.task}
     random.seed(config["seed"])
@@ -1132,23 +1291,32 @@ def train_run(run_id, config, context, args):
     if method in ON_POLICY:
         per_step = args.prompts_per_step * accelerator.num_processes
         examples = random.sample(data["rl"], min(args.rl_prompts, len(data["rl"])))
-        total_steps = args.steps or config["epochs"] * len(examples) // per_step
     else:
-        examples = [ex for ex in data["offline"] if method == "sft" or ex.get("rejected")][:args.sft_examples]
+        if method in ("self-sft", "sft-distill"):
+            examples = data[method]
+            if not examples:
+                sys.exit(f"error: self-sft: none of pi0's --self-samples {args.self_samples} samples was correct "
+                         "on any prompt; raise --self-samples")
+        else:
+            examples = [ex for ex in data["offline"] if method == "sft" or ex.get("rejected")][:args.sft_examples]
         if not examples:
             sys.exit(f"error: {method} needs a 'response'{' and a rejected' if method == 'simpo' else ''} field "
                      f"within --max-seq-len {args.max_seq_len} in the training data (pass --data-file with them)")
         per_step = config["batch_size"] * accelerator.num_processes
-        total_steps = args.steps or config["epochs"] * len(examples) // per_step
+    total_steps = args.steps or config["epochs"] * len(examples) // per_step
     if config["scheduler"] == "constant":
         scheduler = get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
     else:
         scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
+    run = Run(model, optimizer, scheduler, method, mu=config.get("mu", 1), kl_coef=config.get("kl_coef", 0.0))
+    if method == "grpo-kl":
+        run.reference = load_model(args, accelerator.device).requires_grad_(False).eval()
     resumed, progress = 0, {"rollout": 0, "update": 0, "wall_s": 0.0}
     if ckpt.exists() and not args.no_checkpoint:
-        resumed, progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        resumed, progress = load_checkpoint(ckpt, run)
     # The scheduler stays unprepared: accelerate would step it once per process, and our steps are global.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    del model, optimizer
     order = random.Random(config["seed"])
     started = time.time() - progress["wall_s"]
     for step in tqdm(range(1, total_steps + 1), desc=run_id, mininterval=10, disable=not accelerator.is_main_process):
@@ -1161,32 +1329,33 @@ def train_run(run_id, config, context, args):
         # Each process takes its own slice of the step's prompts; a group never spans processes.
         if method in ON_POLICY:
             start = ((step - 1) * per_step + accelerator.process_index * args.prompts_per_step) % len(examples)
-            batch = [examples[(start + i) % len(examples)] for i in range(args.prompts_per_step)]
-            info = rl_step(accelerator, model, optimizer, scheduler, tokenizer,
-                           [chat_prompt(tokenizer, ex["prompt"]) for ex in batch], [ex["answer"] for ex in batch],
-                           reward_fn, args, method, mu)
+            info = rl_step(exp, run, [examples[(start + i) % len(examples)] for i in range(args.prompts_per_step)])
             progress["rollout"] += info["generated_tokens"]
         else:
             start = (step - 1) % steps_per_epoch * per_step + accelerator.process_index * config["batch_size"]
-            info = offline_step(accelerator, model, optimizer, scheduler, tokenizer,
-                                examples[start:start + config["batch_size"]], args, method)
+            info = offline_step(exp, run, examples[start:start + config["batch_size"]])
         progress["update"] += info["update_tokens"]
         if accelerator.is_main_process and step not in logged_steps:
             append_jsonl(log_path, {"run_id": run_id, "task": args.task, "fingerprint": fingerprint, "step": step,
-                                    "lr": scheduler.get_last_lr()[0], **info})
+                                    "lr": run.scheduler.get_last_lr()[0], **info})
         if step % args.eval_every == 0 or step == total_steps:
             progress["wall_s"] = round(time.time() - started, 1)
+            policy = accelerator.unwrap_model(run.model)
             if accelerator.is_main_process and step not in done_steps:
-                point = evaluate(accelerator.unwrap_model(model), tokenizer, test, reward_fn, base_samples, prior, args)
                 append_jsonl(results_path, {
                     "run_id": run_id, "task": args.task, "model": args.model, "fingerprint": fingerprint, **config,
-                    "step": step, "total_steps": total_steps, "done": step == total_steps, **point,
+                    "step": step, "total_steps": total_steps, "done": step == total_steps, **evaluate(exp, policy),
                     "train_reward": info.get("reward"), "tokens_generated": progress["rollout"],
                     "tokens_updated": progress["update"], "wall_s": progress["wall_s"],
                     "dropped_for_length": data["dropped"], "skipped_rows": data["skipped"],
                     "settings": run_settings(args)})
+            saved_model = out / "models" / f"{args.task}-{fingerprint}-{run_id}" / f"step-{step}"
+            if accelerator.is_main_process and (args.save_models == "every" or
+                                                args.save_models == "final" and step == total_steps):
+                policy.save_pretrained(saved_model)  # a LoRA model saves its adapter folder
+                exp.tokenizer.save_pretrained(saved_model)
             if accelerator.is_main_process and not args.no_checkpoint and step < total_steps:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step, progress)
+                save_checkpoint(ckpt, run, step, progress)
             accelerator.wait_for_everyone()
     if accelerator.is_main_process and ckpt.exists():
         ckpt.unlink()  # the run is done: its rows are the record
@@ -1194,25 +1363,54 @@ def train_run(run_id, config, context, args):
     accelerator.free_memory()
 
 
-def plot_results(results_path, args):
-    """plots/llm_pareto.png (Fig. 2/4 analogue) and plots/llm_forgetting_vs_kl.png (Fig. 11)."""
+def measure(exp, checkpoints, base_row):
+    """--measure: evaluate each checkpoint exactly as training evaluates its own points (same test prompts
+    and samples, pi0's same KL samples, the same prior tasks) and append one row per checkpoint to
+    <out>/measure.jsonl; a checkpoint already measured against this pi0 is skipped. A checkpoint's run is
+    its parent folder (TRL's output_dir/checkpoint-N, or <out>/models/<run>/step-N), the unit the law's
+    bootstrap resamples."""
+    args, path = exp.args, Path(exp.args.out) / "measure.jsonl"
+    fingerprint = model_fingerprint(args.model)
+    measured = {(r["checkpoint"], r["checkpoint_fingerprint"]) for r in read_jsonl(path)
+                if r.get("fingerprint") == fingerprint and r["task"] == args.task}
+    if ("base", fingerprint) not in measured:
+        append_jsonl(path, {**base_row, "checkpoint": "base", "checkpoint_fingerprint": fingerprint})
+    for spec in checkpoints:
+        name, _, location = spec.rpartition("=")
+        if (location, model_fingerprint(location)) in measured:
+            continue
+        model = load_finetuned(args, location, exp.accelerator.device)
+        point = evaluate(exp, model)
+        del model
+        append_jsonl(path, {"run_id": str(Path(location).parent), "task": args.task, "model": args.model,
+                            "fingerprint": fingerprint, "method": name or "checkpoint", "checkpoint": location,
+                            "checkpoint_fingerprint": model_fingerprint(location), **point,
+                            "settings": run_settings(args)})
+        print(f"{location}: new-task accuracy {point['new_task_acc']:.3f}, prior {point['prior_avg']:.3f}, "
+              f"forward KL {point['kl_seq']:.3f} nats/sequence (k1 {point['k1_seq']:.3f}, k3 {point['k3_seq']:.3f})")
+    return path
+
+
+def plot_results(rows, task, prefix):
+    """plots/<prefix>_pareto.png (Fig. 2/4 analogue: the trade-off and each method's Pareto frontier) and
+    plots/<prefix>_forgetting_vs_kl.png (Fig. 11: the pooled quadratic law, R^2 with its run-bootstrap
+    interval, kl.bootstrap_r2 grouped by run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fingerprint = model_fingerprint(args.model)
-    rows = [r for r in read_jsonl(results_path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
-    if not rows:
-        sys.exit(f"error: no results for task {args.task} and model {args.model} in {results_path}; train first")
     base = next((r for r in rows if r["method"] == "base"), None)
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    colors = dict(zip(METHODS, ["tab:blue", "tab:cyan", "tab:red", "tab:orange"]))
+    trained = [r for r in rows if r["method"] != "base"]
+    methods = list(dict.fromkeys([m for m in METHODS if any(r["method"] == m for r in trained)] +
+                                 [r["method"] for r in trained]))
+    palette = plt.get_cmap("tab10").colors
+    colors = {method: palette[i % len(palette)] for i, method in enumerate(methods)}
     Path("plots").mkdir(exist_ok=True)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     frontier_priors = []
     for ax in axes:  # the same points twice: all of them, then zoomed on the frontiers
         for method in methods:  # the base model is a point of every method's frontier (our choice)
-            points = [r for r in rows if r["method"] == method] + ([base] if base else [])
+            points = [r for r in trained if r["method"] == method] + ([base] if base else [])
             new, prior = [r["new_task_acc"] for r in points], [r["prior_avg"] for r in points]
             ax.scatter(new, prior, s=12, alpha=0.35, color=colors[method])
             front = kl.pareto_frontier(new, prior)
@@ -1222,21 +1420,24 @@ def plot_results(results_path, args):
             ax.scatter([base["new_task_acc"]], [base["prior_avg"]], marker="*", s=150, color="k", zorder=5,
                        label="base")
         ax.set(xlabel="new-task accuracy (T=1 samples)", ylabel="prior-task score (lm-eval average)")
-    axes[0].set_title(f"{args.task}: trade-off, Pareto frontiers")
+    axes[0].set_title(f"{task}: trade-off, Pareto frontiers")
     low, high = min(frontier_priors), max(frontier_priors)
     axes[1].set_ylim(low - 0.2 * (high - low) - 1e-3, high + 0.2 * (high - low) + 1e-3)
     axes[1].set_title("zoom on the frontiers")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig("plots/llm_pareto.png", dpi=130)
+    fig.savefig(f"plots/{prefix}_pareto.png", dpi=130)
 
-    trained = [r for r in rows if r["method"] in METHODS] + ([base] if base else [])
-    x, y = np.array([r["kl_seq"] for r in trained]), np.array([r["prior_avg"] for r in trained])
+    points = trained + ([base] if base else [])
+    x, y = np.array([r["kl_seq"] for r in points]), np.array([r["prior_avg"] for r in points])
     coefficients, r2 = kl.fit_law(x, y)
-    _, low, high = kl.bootstrap_r2(x, y, groups=[r["run_id"] for r in trained])
+    if len({r["run_id"] for r in points}) < 3 or np.isnan(r2):
+        return print(f"plots/{prefix}_pareto.png; no law fitted: {len(points)} points, fewer than 3 runs or a "
+                     "constant prior score")
+    _, low, high = kl.bootstrap_r2(x, y, groups=[r["run_id"] for r in points])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for method in methods + (["base"] if base else []):
-        pts = [r for r in trained if r["method"] == method]
+        pts = [r for r in points if r["method"] == method]
         for ax, key in zip(axes, ("prior_avg", "new_task_acc")):
             ax.scatter([r["kl_seq"] for r in pts], [r[key] for r in pts], s=14, alpha=0.7,
                        color=colors.get(method, "k"), label=method)
@@ -1248,15 +1449,16 @@ def plot_results(results_path, args):
     axes[1].set(xlabel="forward KL(pi0 || pi) per sequence (nats)", ylabel="new-task accuracy", title="accuracy vs KL")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig("plots/llm_forgetting_vs_kl.png", dpi=130)
-    print(f"plots/llm_pareto.png, plots/llm_forgetting_vs_kl.png: {len(trained)} points, "
+    fig.savefig(f"plots/{prefix}_forgetting_vs_kl.png", dpi=130)
+    print(f"plots/{prefix}_pareto.png, plots/{prefix}_forgetting_vs_kl.png: {len(points)} points, "
           f"R^2 = {r2:.3f} (run-bootstrap 95% CI {low:.3f}-{high:.3f})")
 
 
-def bench(accelerator, tokenizer, train, reward_fn, args, steps=2):
+def bench(exp, train, steps=2):
     """Time `steps` GRPO steps and `steps` SFT steps at the given settings and print seconds per step,
     tokens per second and (on a GPU) peak memory. SFT targets are stretched to --max-seq-len, the worst
     case the length limit allows."""
+    args, accelerator = exp.args, exp.accelerator
     model = load_model(args, accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
     scheduler = get_constant_schedule_with_warmup(optimizer, 0)
@@ -1264,22 +1466,19 @@ def bench(accelerator, tokenizer, train, reward_fn, args, steps=2):
     on_gpu = accelerator.device.type == "cuda"
     report = []
     for method in ("grpo", "sft"):
+        run = Run(model, optimizer, scheduler, method)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         seconds, tokens = [], 0
         for i in range(steps):
             started = time.perf_counter()
             if method == "grpo":
-                batch = train[i * args.prompts_per_step:(i + 1) * args.prompts_per_step]
-                info = rl_step(accelerator, model, optimizer, scheduler, tokenizer,
-                               [chat_prompt(tokenizer, ex["prompt"]) for ex in batch], [ex["answer"] for ex in batch],
-                               reward_fn, args, "grpo", 1)
+                info = rl_step(exp, run, train[i * args.prompts_per_step:(i + 1) * args.prompts_per_step])
                 tokens += info["generated_tokens"] + info["update_tokens"]
             else:
-                batch = [dict(ex, response=stretched_target(tokenizer, ex, args))
+                batch = [dict(ex, response=stretched_target(exp.tokenizer, ex, args))
                          for ex in train[i * args.batch_size[0]:(i + 1) * args.batch_size[0]]]
-                info = offline_step(accelerator, model, optimizer, scheduler, tokenizer, batch, args, "sft")
-                tokens += info["update_tokens"]
+                tokens += offline_step(exp, run, batch)["update_tokens"]
             seconds.append(time.perf_counter() - started)
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if on_gpu else "peak memory: CPU"
         report.append(f"{method}: {np.mean(seconds):.1f} s/step, {tokens / sum(seconds):.0f} tokens/s, {peak}")
@@ -1295,13 +1494,22 @@ def stretched_target(tokenizer, example, args):
     return unit * max(1, room // max(1, len(encode_response(tokenizer, unit)) - 1))
 
 
+def rows_of(path, args):
+    """The rows of a results file that belong to --task and to this pi0 (its fingerprint)."""
+    fingerprint = model_fingerprint(args.model)
+    rows = [r for r in read_jsonl(path) if r["task"] == args.task and r.get("fingerprint") == fingerprint]
+    if not rows:
+        sys.exit(f"error: no results for task {args.task} and model {args.model} in {path}; train or measure first")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
-        return plot_results(out / "results.jsonl", args)
+        return plot_results(rows_of(out / "results.jsonl", args), args.task, "llm")
     if args.build_twin or args.build_random:
         if (Path(args.model) / "config.json").exists():
             return print(f"{args.model} exists; delete it to rebuild")
@@ -1317,36 +1525,41 @@ def main(argv=None):
     # Only the main process evaluates; the others wait for it in a collective, whose timeout must outlast
     # one evaluation point (NCCL's default of 10 minutes does not).
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.eval_timeout_min))])
-    tokenizer = load_tokenizer(args.model)
-    reward_fn = REWARDS[args.task]
-    train, test, kl_examples, skipped = load_new_task(args)
+    exp = Experiment(accelerator, load_tokenizer(args.model), args, REWARDS[args.task])
+    train, exp.test, kl_examples, skipped = load_new_task(args)
     if args.bench:
-        return bench(accelerator, tokenizer, train, reward_fn, args)
-    rl_prompts, offline_examples, dropped = training_data(train, tokenizer, args)
+        return bench(exp, train)
+    rl_prompts, offline_examples, dropped = training_data(train, exp.tokenizer, args)
     print(f"dropped for --max-seq-len {args.max_seq_len}: {dropped['rl']} RL prompts, "
           f"{dropped['offline']} SFT/SimPO examples; {skipped} malformed rows skipped")
-    data = {"rl": rl_prompts, "offline": offline_examples, "dropped": dropped, "skipped": skipped}
+    exp.data = {"rl": rl_prompts, "offline": offline_examples, "dropped": dropped, "skipped": skipped}
     fingerprint = model_fingerprint(args.model)
     mine = [r for r in read_jsonl(out / "results.jsonl") if r["task"] == args.task and r.get("fingerprint") == fingerprint]
-    prior = base_samples = None
+    base_model = None
     if accelerator.is_main_process:  # evaluation runs on the main process only
-        prior = PriorTasks(args)
+        exp.prior = PriorTasks(args)
         base_model = load_model(args, accelerator.device)
         shape = [[ex["prompt"] for ex in kl_examples], args.kl_samples, args.eval_max_tokens, args.precision]
         cache = out / f"kl_cache-{fingerprint}-{hashlib.sha1(json.dumps(shape).encode()).hexdigest()[:10]}.pt"
-        base_samples = BaseSamples(base_model, tokenizer, kl_examples, args, cache)
-        if not any(r["run_id"] == "base" for r in mine):
-            point = evaluate(base_model, tokenizer, test, reward_fn, base_samples, prior, args)
-            append_jsonl(out / "results.jsonl", {"run_id": "base", "task": args.task, "model": args.model,
-                                                 "fingerprint": fingerprint, "method": "base", "step": 0,
-                                                 "done": True, **point, "settings": run_settings(args)})
+        exp.base_samples = BaseSamples(base_model, exp.tokenizer, kl_examples, args, cache)
+        base_row = next((r for r in mine if r["run_id"] == "base"), None)
+        if base_row is None:
+            base_row = {"run_id": "base", "task": args.task, "model": args.model, "fingerprint": fingerprint,
+                        "method": "base", "step": 0, "done": True, **evaluate(exp, base_model),
+                        "settings": run_settings(args)}
+            append_jsonl(out / "results.jsonl", base_row)
+        if args.measure:
+            measured = measure(exp, args.measure, base_row)
+            return plot_results(rows_of(measured, args), args.task, "llm_measure")
+    for method in ("self-sft", "sft-distill"):
+        if method in args.method:
+            exp.data[method] = policy_targets(exp, method, base_model, out)
+    if base_model is not None:
         base_model.to("cpu")  # kept only as the frozen pi0 of an uncached KL (BaseSamples.reference)
         del base_model
     for run_id, config in sweep(args):
-        if any(r.get("done") for r in mine if r["run_id"] == run_id):
-            continue
-        context = (accelerator, tokenizer, data, test, reward_fn, base_samples, prior, out)
-        train_run(run_id, config, context, args)
+        if not any(r.get("done") for r in mine if r["run_id"] == run_id):
+            train_run(exp, run_id, config)
 
 
 if __name__ == "__main__":

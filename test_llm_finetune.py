@@ -35,6 +35,10 @@ class NoAccelerator:
     def clip_grad_norm_(parameters, max_norm):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    @staticmethod
+    def wait_for_everyone():
+        pass
+
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory):
@@ -55,6 +59,16 @@ def args_for(path, *extra):
 def make_optimizer(model, lr):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     return optimizer, get_constant_schedule_with_warmup(optimizer, 0)
+
+
+def make_run(model, lr, method, **settings):
+    """A Run of `method` on `model` with AdamW at `lr` and a constant schedule."""
+    optimizer, scheduler = make_optimizer(model, lr)
+    return L.Run(model, optimizer, scheduler, method, **settings)
+
+
+def experiment(tokenizer, args, reward_fn=None):
+    return L.Experiment(NoAccelerator, tokenizer, args, reward_fn)
 
 
 # ---------------------------------------------------------------------------- tokenizer and model
@@ -106,14 +120,17 @@ def test_grpo_steps_raise_the_reward_on_a_trivially_learnable_toy(twin, tmp_path
     tokenizer, base, path = twin
     model = copy.deepcopy(base)
     args = args_for(path, "--group-size", "8", "--max-new-tokens", "3")
-    prompts = [L.chat_prompt(tokenizer, f"add: {100 + i}+{200 + i}") for i in range(4)]
+    examples = [{"prompt": f"add: {100 + i}+{200 + i}", "answer": "0"} for i in range(4)]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
     seven = tokenizer.convert_tokens_to_ids("7")
-    reward = lambda response, answer: float(response.startswith("7"))  # noqa: E731
-    optimizer, scheduler = make_optimizer(model, 3e-3)
+
+    def reward(response, answer):
+        return float(response.startswith("7"))
+
+    exp, run = experiment(tokenizer, args, reward), make_run(model, 3e-3, "grpo")
     before = first_token_prob(model, tokenizer, prompts, seven)
     torch.manual_seed(0)
-    rewards = [L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["0"] * 4, reward, args,
-                         "grpo", 1)["reward"] for _ in range(8)]
+    rewards = [L.rl_step(exp, run, examples)["reward"] for _ in range(8)]
     after = first_token_prob(model, tokenizer, prompts, seven)
     assert after > before + 0.2, (before, after, rewards)
 
@@ -149,7 +166,6 @@ def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
     tokenizer, base, path = twin
     model = copy.deepcopy(base)
     args = args_for(path, "--group-size", "8", "--max-new-tokens", "3", "--clip-eps", "0.2")
-    prompts = [L.chat_prompt(tokenizer, "copy: abc")] * 2
     calls = []
     real_loss = kl.policy_gradient_loss
 
@@ -158,13 +174,14 @@ def test_grpo_with_mu_2_takes_two_clipped_steps_on_one_round(twin, monkeypatch):
         return real_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, **kwargs)
 
     monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
-    optimizer, scheduler = make_optimizer(model, 1e-3)
+    def reward(response, answer):
+        return float(response[:1] < "m")  # about half the samples
+
+    run = make_run(model, 1e-3, "grpo", mu=2)
     torch.manual_seed(0)
-    reward = lambda response, answer: float(response[:1] < "m")  # noqa: E731  (about half the samples)
-    info = L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, prompts, ["abc"] * 2, reward, args,
-                     "grpo", 2)
+    info = L.rl_step(experiment(tokenizer, args, reward), run, [{"prompt": "copy: abc", "answer": "abc"}] * 2)
     assert 0 < info["reward"] < 1
-    assert optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
+    assert run.optimizer.state_dict()["state"][0]["step"] == 2  # two optimizer steps on one generation round
     assert len(calls) == 2 and calls[0] == 0.0 and calls[1] > 0.0  # ratio 1 first, then pi / pi_old != 1
 
 
@@ -196,8 +213,7 @@ def test_sft_step_lowers_the_loss_and_ignores_prompt_tokens(twin):
     assert kl.sft_loss(full, perturbed, mask).item() != pytest.approx(reference.item(), abs=1e-6)
     # One SFT step lowers the loss on its batch.
     args = args_for(path, "--method", "sft")
-    optimizer, scheduler = make_optimizer(model, 1e-3)
-    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+    L.offline_step(experiment(tokenizer, args), make_run(model, 1e-3, "sft"), examples)
     with torch.no_grad():
         assert L.sft_batch_loss(model, batch).item() < loss.item()
 
@@ -210,11 +226,164 @@ def test_simpo_step_prefers_the_chosen_response(twin):
     prompt = [L.chat_prompt(tokenizer, examples[0]["prompt"])]
     chosen, rejected = (L.pack(tokenizer, prompt, [tokenizer(text + "<|end|>")["input_ids"]])
                         for text in ("the sum is 300", "the sum is 301"))
-    gap = lambda: (L.sequence_logprob(model, chosen) - L.sequence_logprob(model, rejected)).item()  # noqa: E731
+
+    def gap():
+        return (L.sequence_logprob(model, chosen) - L.sequence_logprob(model, rejected)).item()
+
     before = gap()
-    optimizer, scheduler = make_optimizer(model, 1e-3)
-    L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "simpo")
+    L.offline_step(experiment(tokenizer, args), make_run(model, 1e-3, "simpo"), examples)
     assert gap() > before
+
+
+# ---------------------------------------------------------------------------- the controls: self-SFT, SFT on RL samples, GRPO + KL
+
+
+def test_self_sft_targets_are_pi0s_first_correct_samples_and_sft_trains_on_those_ids(twin, monkeypatch):
+    tokenizer, base, path = twin
+    args = args_for(path, "--max-new-tokens", "4")
+    examples = [{"prompt": f"copy: {c * 3}", "answer": c} for c in "abcde"] + [{"prompt": "copy: zz", "answer": "none"}]
+
+    def reward(response, answer):  # about half of the samples, and never for the prompt whose answer is "none"
+        return float(answer != "none" and response[:1] < "m")
+
+    targets = L.sampled_targets(base, tokenizer, examples, args, 4, reward, seed=3)
+    # Independently: the same draws (same seed), then the first correct sample of each prompt, if any.
+    torch.manual_seed(3)
+    drawn, _ = L.sample(base, tokenizer, [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples], 4, 4)
+    expected = []
+    for i, ex in enumerate(examples):
+        correct = [r for r in drawn[4 * i:4 * i + 4] if reward(tokenizer.decode(r, skip_special_tokens=True), ex["answer"])]
+        if correct:
+            expected.append((ex["prompt"], correct[0]))
+    assert [(t["prompt"], t["response_ids"]) for t in targets] == expected
+    assert 0 < len(targets) < len(examples) and "copy: zz" not in [t["prompt"] for t in targets]
+    # The SFT step packs exactly those token ids as its targets (not a re-encoding of their text).
+    packed, real_pack = [], L.pack
+
+    def spy_pack(tokenizer, prompts, responses):
+        packed.extend(responses)
+        return real_pack(tokenizer, prompts, responses)
+
+    monkeypatch.setattr(L, "pack", spy_pack)
+    L.offline_step(experiment(tokenizer, args), make_run(copy.deepcopy(base), 1e-3, "self-sft"), targets)
+    assert sorted(packed) == sorted(t["response_ids"] for t in targets)
+
+
+def test_sft_distill_targets_are_the_teachers_unfiltered_samples(twin, tmp_path):
+    tokenizer, base, path = twin
+    teacher = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    teacher.save_pretrained(tmp_path / "teacher")
+    args = args_for(path, "--max-new-tokens", "5", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path))
+    examples = [{"prompt": f"copy: {c * 4}", "answer": c} for c in "abcdefgh"]
+    exp = experiment(tokenizer, args, lambda response, answer: 0.0)
+    exp.data = {"rl": examples}
+    targets = L.policy_targets(exp, "sft-distill", None, tmp_path)  # loads the teacher folder, caches its samples
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+    torch.manual_seed(0)
+    teacher_samples, _ = L.sample(teacher, tokenizer, prompts, 1, 5)
+    torch.manual_seed(0)
+    base_samples, _ = L.sample(base, tokenizer, prompts, 1, 5)
+    assert [t["response_ids"] for t in targets] == teacher_samples  # every prompt, reward 0 or not
+    assert teacher_samples != base_samples
+    assert L.policy_targets(exp, "sft-distill", None, tmp_path) == targets  # the cache returns the same
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_grpo_kl_penalty_gradient_equals_an_independent_kl(twin, monkeypatch, direction):
+    """With equal rewards (advantage 0) the grpo-kl gradient is coef x the gradient of the token-mean KL
+    between pi and pi0 at the sampled positions, here computed one sequence at a time by torch.distributions,
+    in both directions; micro-batches accumulate to it."""
+    tokenizer, base, path = twin
+    args = args_for(path, "--group-size", "4", "--max-new-tokens", "5", "--micro-batch-tokens", "60",
+                     "--kl-direction", direction)
+    policy = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drawn, grads, real_sample = [], [], L.sample
+
+    def spy_sample(*args, **kwargs):
+        drawn.append(real_sample(*args, **kwargs))
+        return drawn[-1]
+
+    def spy_step(accelerator, run):
+        grads.append([p.grad.clone() for p in run.model.parameters()])
+
+    monkeypatch.setattr(L, "sample", spy_sample)
+    monkeypatch.setattr(L, "optimizer_step", spy_step)
+    examples = [{"prompt": "copy: abc", "answer": "abc"}, {"prompt": "sort: dcba", "answer": "abcd"}]
+    run = L.Run(policy, None, None, "grpo-kl", kl_coef=0.5, reference=base)
+    torch.manual_seed(0)
+    info = L.rl_step(experiment(tokenizer, args, lambda response, answer: 1.0), run, examples)
+    responses = drawn[0][0]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples for _ in range(4)]
+    assert len(L.micro_batches(prompts, responses, 60)) > 1
+    reference = copy.deepcopy(policy)
+    reference.zero_grad()
+    total, tokens = 0.0, sum(map(len, responses))
+    for prompt, response in zip(prompts, responses):
+        if response:
+            ids = torch.tensor([prompt + response])
+            logits = reference(ids).logits[0, len(prompt) - 1:-1]
+            with torch.no_grad():
+                base_logits = base(ids).logits[0, len(prompt) - 1:-1]
+            pi, pi0 = torch.distributions.Categorical(logits=logits), torch.distributions.Categorical(logits=base_logits)
+            pair = (pi, pi0) if direction == "reverse" else (pi0, pi)
+            total = total + torch.distributions.kl_divergence(*pair).sum()
+    (0.5 * total / tokens).backward()
+    assert info["kl_penalty"] == pytest.approx(total.item() / tokens, rel=1e-4) and info["kl_penalty"] > 1e-4
+    for got, want in zip(grads[0], [p.grad for p in reference.parameters()]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-3)
+
+
+def test_help_lists_every_method_and_shows_each_setups_defaults(capsys):
+    for argv, shown, other in ((["--help"], "completions per prompt; paper: 64 (default: 8)", "twin_copy"),
+                               (["--task", "math", "--help"], "completions per prompt; twin: 8 (default: 64)", "mmlu")):
+        with pytest.raises(SystemExit):
+            L.parse_args(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert shown in text and other in text
+        assert all(method in text for method in L.METHODS) and "--teacher" in text and "--measure" in text
+
+
+def test_measure_reproduces_the_in_training_rows_for_saved_models_and_lora_adapters(twin, tmp_path, monkeypatch):
+    """Models saved by a grpo-kl run and LoRA adapters saved by self-sft and sft-distill runs (the teacher is
+    the grpo-kl run's final model), measured afterwards with --measure, give the rows training wrote."""
+    _, _, path = twin
+    monkeypatch.chdir(tmp_path)  # the plots go to tmp_path/plots
+    # The untrained twin never writes a sum: reward the parity of the characters, so some samples are correct.
+    monkeypatch.setitem(L.REWARDS, "addition", lambda response, answer: float(sum(map(ord, response)) % 2))
+    common = ["--model", str(path), "--out", str(tmp_path / "out"), "--lr", "1e-3", "--steps", "2", "--eval-every", "1",
+              "--num-test", "4", "--kl-prompts", "4", "--kl-samples", "2", "--eval-samples", "2", "--max-new-tokens", "4",
+              "--eval-max-tokens", "6", "--prior-tasks", "twin_copy", "--prior-limit", "3", "--group-size", "2",
+              "--prompts-per-step", "2", "--batch-size", "4", "--sft-examples", "8", "--self-samples", "2",
+              "--warmup-steps", "0"]
+    L.main(common + ["--method", "grpo-kl", "--save-models", "every"])
+    models = tmp_path / "out" / "models"
+    (teacher,) = [d for d in models.iterdir() if d.name.endswith("grpo-kl-lr0.001-schedulerconstant-seed0-mu1-kl_coef0.1-epochs1")]
+    L.main(common + ["--method", "self-sft", "sft-distill", "--teacher", str(teacher / "step-2"), "--lora-rank", "4",
+                     "--save-models", "final"])
+    trained = {(r["run_id"], r["step"]): r for r in L.read_jsonl(tmp_path / "out" / "results.jsonl") if r["step"]}
+    assert {run_id.split("-lr")[0] for run_id, _ in trained} == {"grpo-kl", "self-sft", "sft-distill"}
+    folders = sorted(models.glob("*/step-*"))
+    assert len(folders) == 4 and sum((f / "adapter_config.json").is_file() for f in folders) == 2
+    L.main(common + ["--measure", *[f"{f.parent.name.split('-lr')[0].split('-', 2)[2]}={f}" for f in folders]])
+    measured = [r for r in L.read_jsonl(tmp_path / "out" / "measure.jsonl") if r["checkpoint"] != "base"]
+    assert len(measured) == 4
+    keys = ("new_task_acc", "new_task_acc_greedy", "prior_avg", "kl_seq", "kl_token", "k1_seq", "k3_seq")
+    for row in measured:
+        folder = Path(row["checkpoint"])
+        run_id = folder.parent.name.split("-", 2)[2]  # <task>-<fingerprint>-<run_id>
+        original = trained[(run_id, int(folder.name.split("-")[1]))]
+        assert row["method"] == original["method"] and row["prior"] == original["prior"]
+        assert {k: row[k] for k in keys} == pytest.approx({k: original[k] for k in keys}, abs=1e-6)
+    assert any(r["kl_seq"] > 0.01 for r in measured)
+    assert (tmp_path / "plots" / "llm_measure_pareto.png").is_file()
+    L.main(common + ["--measure", str(folders[0])])  # measured already: no new row
+    assert len(L.read_jsonl(tmp_path / "out" / "measure.jsonl")) == 5
 
 
 # ---------------------------------------------------------------------------- forward KL
@@ -417,7 +586,10 @@ def test_sweep_appends_one_line_per_point_and_resumes_to_the_same_numbers(twin, 
     results.write_text("\n".join(lines[:2]) + "\n")  # as if interrupted before the last point
     L.main(argv)
     resumed = results.read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
+
+    def strip(line):
+        return {k: v for k, v in json.loads(line).items() if k != "wall_s"}
+
     assert [strip(line) for line in resumed] == [strip(line) for line in lines]
 
 
@@ -506,7 +678,7 @@ def test_micro_batches_bound_the_padded_tokens_and_accumulate_to_the_full_batch_
         grads = []
         monkeypatch_target.setattr(L, "optimizer_step", lambda *a: grads.append(
             torch.cat([p.grad.flatten() for p in model.parameters()])))
-        L.offline_step(NoAccelerator, model, None, None, tokenizer, examples, args, method)
+        L.offline_step(experiment(tokenizer, args), L.Run(model, None, None, method), examples)
         return grads[0]
 
     examples = [{"prompt": f"add: {10 + i}+{i}", "response": "y" * n, "rejected": "z" * (n + 1)}
@@ -595,8 +767,7 @@ def test_mixed_precision_keeps_small_updates_that_bf16_weights_swallow(twin):
         args = args_for(path, "--precision", precision, "--no-gradient-checkpointing")
         model = L.load_model(args, torch.device("cpu"))
         before = [p.detach().clone() for p in model.parameters()]
-        optimizer, scheduler = make_optimizer(model, 1e-5)
-        L.offline_step(NoAccelerator, model, optimizer, scheduler, tokenizer, examples, args, "sft")
+        L.offline_step(experiment(tokenizer, args), make_run(model, 1e-5, "sft"), examples)
         moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
         changed[precision] = moved / sum(p.numel() for p in model.parameters())
         with L.autocast(args):
@@ -633,9 +804,11 @@ def test_grpo_advantages_follow_scale_rewards(twin, monkeypatch, scale):
     monkeypatch.setattr(L.kl, "policy_gradient_loss", spy)
     rewards = iter([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])
     model = copy.deepcopy(base)
-    optimizer, scheduler = make_optimizer(model, 1e-4)
-    L.rl_step(NoAccelerator, model, optimizer, scheduler, tokenizer, [L.chat_prompt(tokenizer, "copy: ab")] * 2,
-              ["ab"] * 2, lambda response, answer: next(rewards), args, "grpo", 1)
+    def reward(response, answer):
+        return next(rewards)
+
+    L.rl_step(experiment(tokenizer, args, reward), make_run(model, 1e-4, "grpo"),
+              [{"prompt": "copy: ab", "answer": "ab"}] * 2)
     advantages = torch.cat(seen)
     expected = torch.tensor([[7 / 8] + [-1 / 8] * 7, [6 / 8] * 2 + [-2 / 8] * 6])
     if scale == "group":
