@@ -958,7 +958,7 @@ class BaseSamples:
         return torch.log_softmax(logits[batch["response_mask"].bool().to(logits.device)].float(), -1)
 
     @torch.no_grad()
-    def forward_kl(self, model, chunk=1024):
+    def kl_estimates(self, model, chunk=1024):
         """Forward KL(pi0 || pi) per sequence (sum over tokens, primary) and per token, exact over the
         vocabulary (kl.forward_kl, `chunk` positions at a time), plus the k1 and k3 Monte-Carlo estimates
         from the sampled tokens (kl.kl_estimators) as a check: all are unbiased for the same quantity."""
@@ -1191,7 +1191,7 @@ def evaluate(exp, model):
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(), autocast(exp.args):
         point = new_task_accuracy(model, exp.tokenizer, exp.test, exp.reward_fn, exp.args, seed=10_000)
-        point.update(exp.base_samples.forward_kl(model))
+        point.update(exp.base_samples.kl_estimates(model))
         point.update(exp.prior.scores(model, exp.tokenizer))
     random.setstate(python_state)
     np.random.set_state(numpy_state)

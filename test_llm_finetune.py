@@ -395,13 +395,13 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     examples = [{"prompt": f"copy: {c * 3}"} for c in "abcdefghijklmnop"]
     samples = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt")
     assert len(list(samples.batches())) > 2  # several length-grouped micro-batches
-    same = samples.forward_kl(copy.deepcopy(base))
+    same = samples.kl_estimates(copy.deepcopy(base))
     assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["k1_seq"] == pytest.approx(0.0, abs=1e-6)
     moved = copy.deepcopy(base)
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    exact = samples.forward_kl(moved)
+    exact = samples.kl_estimates(moved)
     # Independent computation: full-sequence forwards of both models, one (prompt, response) at a time,
     # the exact KL from torch.distributions and k1 from the sampled tokens.
     exact_direct, k1_direct = [], []
@@ -425,12 +425,12 @@ def test_forward_kl_is_zero_for_identical_models_and_matches_k1_on_many_samples(
     assert abs(exact["k3_seq"] - exact["kl_seq"]) < 4 * stderr + 1e-3
     # The cache reloads to the same numbers, and recomputing pi0's log-probs from the frozen pi0 (what
     # happens when the cache would be too large) gives them too.
-    assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").forward_kl(moved) == exact
+    assert L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt").kl_estimates(moved) == exact
     uncached_args = args_for(path, "--kl-samples", "16", "--eval-max-tokens", "8", "--kl-cache-gb", "0")
     uncached = L.BaseSamples(base, tokenizer, examples, uncached_args, tmp_path / "samples.pt")
     assert uncached.base_logprobs is None and uncached.reference is base
-    assert uncached.forward_kl(moved) == pytest.approx(exact, rel=1e-5, abs=1e-6)
-    assert uncached.forward_kl(base)["kl_seq"] == pytest.approx(0.0, abs=1e-6)  # pi0 against itself
+    assert uncached.kl_estimates(moved) == pytest.approx(exact, rel=1e-5, abs=1e-6)
+    assert uncached.kl_estimates(base)["kl_seq"] == pytest.approx(0.0, abs=1e-6)  # pi0 against itself
 
 
 # ---------------------------------------------------------------------------- reward checkers
