@@ -49,13 +49,15 @@ bench: $(VENV)/installed-all data
 	$(PY) parity_sweep.py --bench
 	HF_HUB_OFFLINE=1 $(PY) llm_finetune.py --bench
 
-# The LLM CPU twin end to end (docs/llm_finetune.md): build + pretrain, the two sweeps, the plots.
+# The LLM CPU twin end to end (docs/llm_finetune.md): build + pretrain, the twin study, the plots.
 llm-twin: $(VENV)/installed-all
 	export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	$(PY) llm_finetune.py --build-twin && \
-	$(PY) llm_finetune.py --method grpo sft reinforce simpo && \
-	$(PY) llm_finetune.py --method grpo reinforce sft --lr 1e-4 --epochs 3 --seed 0 1 && \
-	$(PY) llm_finetune.py --plot
+	for seed in 0 1; do for lr in 3e-4 1e-4; do S="--steps 96 --lr $$lr --seed $$seed --out runs/llm-study"; \
+	  $(PY) llm_finetune.py --method grpo sft self-sft $$S --save-models final && \
+	  $(PY) llm_finetune.py --method sft-distill $$S --teacher runs/llm-study/models/addition-*-grpo-lr0.0003-schedulerconstant-seed0-mu1-epochs1/step-96 && \
+	  $(PY) llm_finetune.py --method grpo-kl $$S || exit 1; done; done && \
+	$(PY) llm_finetune.py --plot --out runs/llm-study
 
 # ManiSkill's CPU renderer (vla_finetune.py) needs a Vulkan driver. On Debian 12 without a GPU, Mesa's
 # lavapipe from bookworm-backports (25.x) works and the stock 22.3 does not: as root, install it once.
