@@ -757,6 +757,9 @@ def successful_rollouts(model, processor, env, env_id, starts, stats, seed, fold
             if success:
                 kept.append(dict(start=start, images=np.stack([r[0] for r in records]),
                                  tokens=torch.stack([r[1] for r in records])))
+        if not kept:
+            sys.exit(f"error: the policy succeeded in none of {len(starts)} sampled episodes, so there is nothing "
+                     f"to imitate; raise --samples-per-position")
         return kept
     return cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
 
@@ -1049,8 +1052,8 @@ def compare_demonstrators(args, setup, out):
 # 9. The study, its summary (matched-success frontiers with bootstrap intervals, the law's R^2) and plots
 # --------------------------------------------------------------------------------------------------
 
-# The main comparison first, for every seed, then the controls: a study stopped early has the claim's arms.
-STUDY_ORDER = ["sft-demonstrator", "grpo", "sft-pi0", "sft-rl", "reinforce", "grpo-kl"]
+# The claim's two arms first, seed by seed, then the controls: a study stopped early has the main comparison.
+STUDY_ORDER = [["sft-demonstrator", "grpo"], ["sft-pi0", "sft-rl", "reinforce", "grpo-kl"]]
 
 
 def frontier_at(new, prior, kls, level):
@@ -1221,9 +1224,10 @@ def main(argv=None):
     setup = load_setup(args, out)
     if args.method == "study":
         compare_demonstrators(args, setup, out)
-        for arm in STUDY_ORDER:
+        for arms in STUDY_ORDER:
             for seed in args.seeds:
-                finetune(args, arm, ARMS[arm][2], seed, setup, out)
+                for arm in arms:
+                    finetune(args, arm, ARMS[arm][2], seed, setup, out)
         return
     for lr in args.lr or [ARMS[args.method][2]]:
         for seed in args.seeds:
