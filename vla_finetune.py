@@ -448,12 +448,15 @@ def motion_planning_demonstrator(env):
     """SFT's demonstrator, a different competent policy (the paper's SFT data: another policy's successful
     trajectories, §4.1). It follows the waypoints of ManiSkill's motion-planning solution for PickCube
     (mani_skill/examples/motionplanning/panda/solutions/pick_cube.py: a reach pose 5 cm above the grasp,
-    straight screw moves to it and down to the grasp, close, move up), executed as end-effector deltas at a
-    constant 6 cm per step. mplib's joint-space plans are not used: the policy emits end-effector deltas."""
+    straight screw moves to it and down to the grasp, close, carry to PickCube's goal point; here at least
+    10 cm above the table, so that the cube is lifted), executed as end-effector deltas at a constant 6 cm per
+    step. mplib's joint-space plans are not used: the policy emits end-effector deltas. The goal point is
+    not in the camera image, so the carry's direction is something the images cannot predict."""
     u = env.unwrapped
     cube, tcp = _xyz(u.cube), _tcp(env)
     if bool(u.agent.is_grasping(u.cube)[0]):
-        return np.r_[_along_line(tcp, cube + [0, 0, 0.1]), 0, 0, 0, -1.0]
+        goal = _xyz(u.goal_site)
+        return np.r_[_along_line(tcp, np.r_[goal[:2], max(goal[2], cube[2] + 0.1)]), 0, 0, 0, -1.0]
     if np.linalg.norm(cube[:2] - tcp[:2]) > 0.01:
         return np.r_[_along_line(tcp, cube + [0, 0, 0.05]), 0, 0, 0, 1.0]
     if tcp[2] - cube[2] > 0.005:
@@ -1022,8 +1025,10 @@ def _unwrap(model):
 
 def compare_demonstrators(args, setup, out):
     """How competent and how different SFT's demonstrator is next to pi0's expert (once per folder): success
-    within the horizon on the evaluation starts, and on the training grid the action statistics and pi0's
-    negative log-likelihood of each one's actions (its SFT loss at step 0, nats per step, 7 tokens)."""
+    within the horizon on the evaluation starts; on the training grid the action statistics, pi0's negative
+    log-likelihood of each one's actions (its SFT loss at step 0, nats per step, 7 tokens), and the mean
+    |demonstrator - pi0's expert| per dimension in the demonstrator's own states (gripper: share of steps
+    where the two disagree)."""
     results = out / "results.jsonl"
     if any(r["run"] == "demonstrators" for r in read_results(results)):
         return
@@ -1045,6 +1050,15 @@ def compare_demonstrators(args, setup, out):
             saturated_xyz=float((np.abs(actions[:, :3]) >= 0.99).mean()),
             step_length_m=float(np.linalg.norm(actions[:, :3], axis=1).mean() * 0.1),
             pi0_nll_per_step=float(nll.mean()))
+    gaps = []
+
+    def both(image):  # the demonstrator acts; pi0's expert is asked what it would do in the same state
+        action = motion_planning_demonstrator(env)
+        gaps.append(np.abs(to_policy_action(action) - to_policy_action(lift_expert(env))))
+        return action, None
+    for start in training_grid(args.grid):
+        run_episode(env, args.env, start, args.horizon, both)
+    record["demonstrator"]["gap_to_pi0_expert"] = np.mean(gaps, axis=0).tolist()
     append_result(results, record)
 
 
@@ -1102,9 +1116,10 @@ def law_points(rows):
 
 def forgetting_law(rows):
     """R^2 of the quadratic fit of prior-task success on forward KL with its run-bootstrap interval
-    (kl.bootstrap_r2, groups = runs), and the numbers of points and runs; None with fewer than 3 runs."""
+    (kl.bootstrap_r2, groups = runs), and the numbers of points and runs; None with fewer than 2 runs beside
+    pi0, or when prior-task success never varies (no variance to explain)."""
     kls, prior, groups = law_points(rows)
-    if len(set(groups)) < 3:
+    if len(set(groups)) < 3 or np.ptp(prior) == 0:
         return None
     r2, low, high = kl.bootstrap_r2(kls, prior, groups=groups)
     return r2, low, high, len(kls), len(set(groups)) - 1
@@ -1135,6 +1150,25 @@ def summarize(rows, levels):
                           f"{kl_value:.2f} [{kl_ci[0]:.2f}, {kl_ci[1]:.2f}]"]
         seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
         lines.append(f"| {label} | {len(runs)} ({seeds}) | " + " | ".join(cells) + " |")
+    lines += ["", "Forward KL per action dimension (x, y, z, roll, pitch, yaw, gripper) at the runs' last points, "
+                  "mean over seeds:", ""]
+    for arm, (_, label, _) in ARMS.items():
+        last = [r for r in points if r["arm"] == arm and r["fraction"] == 1.0]
+        if last:
+            per_dim = np.mean([r["forward_kl_per_dim"] for r in last], axis=0)
+            lines.append(f"- {label}: " + ", ".join(f"{v:.3f}" for v in per_dim) + f" (sum {per_dim.sum():.3f})")
+    demonstrators = [r for r in rows if r["run"] == "demonstrators"]
+    if demonstrators:
+        lines += ["", "| demonstrator | success (held out) | steps | success on the grid | mean action (x, y, z) | "
+                      "std (x, y, z) | xyz at the bound | step length | pi0's NLL per step |", "|---" * 9 + "|"]
+        for name in ("pi0_expert", "demonstrator"):
+            d = demonstrators[0][name]
+            lines.append(f"| {name} | {d['success']:.2f} | {d['steps']:.1f} | {d['grid_success']:.2f} | "
+                         f"{', '.join(f'{v:+.2f}' for v in d['mean'][:3])} | {', '.join(f'{v:.2f}' for v in d['std'][:3])} | "
+                         f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {d['pi0_nll_per_step']:.2f} |")
+        gap = demonstrators[0]["demonstrator"]["gap_to_pi0_expert"]
+        lines += ["", "Mean |demonstrator - pi0's expert| in the demonstrator's states, (x, y, z) in action units "
+                      f"(0.1 m): {', '.join(f'{v:.2f}' for v in gap[:3])}; gripper commands differ in {gap[6]:.0%} of steps"]
     law = forgetting_law(rows)
     if law is not None:
         r2, low, high, n_points, n_runs = law
