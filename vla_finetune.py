@@ -1,6 +1,6 @@
 """RL vs SFT on a vision-language-action policy: the robotics experiment of "RL's Razor".
 
-Shenfeld, Pari, Agrawal (2025), https://arxiv.org/abs/2509.04259, §4.1 and App. B.2: fine-tune OpenVLA-7B on
+Shenfeld, Pari, Agrawal (2025), https://arxiv.org/abs/2509.04259, App. B.2 and Fig. 2: fine-tune OpenVLA-7B on
 a new pick task with SFT on another policy's successful demonstrations and with on-policy REINFORCE on a
 binary success reward, and measure forgetting as success on earlier manipulation tasks. This script runs
 that loop on two model paths, loaded by the same `load_policy` (transformers' Auto classes):
@@ -118,7 +118,7 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. OpenVLA's action tokenisation (paper §4.1; constants of the public OpenVLA code)
+# 1. OpenVLA's action tokenisation (constants of the public OpenVLA code)
 # --------------------------------------------------------------------------------------------------
 
 VOCAB_SIZE = 32000            # Llama-2 vocabulary; OpenVLA pads its embedding matrix, not this number
@@ -446,7 +446,7 @@ def lift_expert(env):
 
 def motion_planning_demonstrator(env):
     """SFT's demonstrator, a different competent policy (the paper's SFT data: another policy's successful
-    trajectories, §4.1). It follows the waypoints of ManiSkill's motion-planning solution for PickCube
+    trajectories, App. B.2). It follows the waypoints of ManiSkill's motion-planning solution for PickCube
     (mani_skill/examples/motionplanning/panda/solutions/pick_cube.py: a reach pose 5 cm above the grasp,
     straight screw moves to it and down to the grasp, close, carry to PickCube's goal point; here at least
     10 cm above the table, so that the cube is lifted), executed as end-effector deltas at a constant 6 cm per
@@ -749,7 +749,8 @@ def collect_demos(env, env_id, starts, folder, expert=None):
 
 def successful_rollouts(model, processor, env, env_id, starts, stats, seed, folder, policy_key):
     """Sampled (temperature 1) episodes of a model from each start, kept when they succeed: the data of SFT
-    on pi0's own successes (the oracle analogue, paper §3.5) and on the RL policy's (Fig. 9). Cached."""
+    on pi0's own successes (the oracle analogue: pi0 conditioned on success, by rejection sampling, the
+    optimal distribution of Fig. 3 and Lemma A.1) and on the RL policy's (Fig. 9). Cached."""
     def build():
         generator = torch.Generator().manual_seed(seed)
         act = model_policy(model, processor, task_info(env_id)["instruction"], stats, False, generator)
@@ -828,7 +829,8 @@ def kl_states_for(model, processor, env, env_id, stats, kl_episodes, folder, pol
 # 8. Fine-tuning runs: one JSON line per evaluation point, resumable
 # --------------------------------------------------------------------------------------------------
 
-# The arms of the comparison (paper §4.1, §3.5, §5.1, Fig. 3, Fig. 9): name -> (kind, label, default lr).
+# The arms of the comparison, name -> (kind, label, default lr). Paper: App. B.2 (RL, SFT on another policy);
+# Fig. 3 (SFT on the optimal distribution, RL + KL reg. with coefficient 0.1); §5.1, Fig. 4 (1-0 REINFORCE); Fig. 9.
 ARMS = {
     "grpo": ("rl", "RL, GRPO advantages", 3e-4),
     "reinforce": ("rl", "RL, 1-0 REINFORCE", 3e-4),
@@ -989,7 +991,7 @@ def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
             episodes.append(records)
             rewards.append(float(success))
     rewards = torch.tensor(rewards).view(args.states_per_iter, args.group_size)
-    if arm == "reinforce":  # 1-0 REINFORCE: advantage = reward (§5.1)
+    if arm == "reinforce":  # 1-0 REINFORCE: advantage = reward (§5.1, Fig. 4)
         advantages = kl.reinforce_advantages(rewards).flatten()
     else:  # GRPO: reward normalised within its group (the paper's reward-normalisation baseline, App. B.2)
         advantages = kl.group_advantages(rewards).flatten()
