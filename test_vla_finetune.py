@@ -257,17 +257,17 @@ def test_training_grid_covers_pickcubes_range_and_is_not_the_evaluation_set():
 
 def _rows():
     """Two arms, two seeds each, 3 later points; outcomes per episode as the study stores them."""
-    def point(run, arm, seed, new, prior, kl_value):
+    def point(run, arm, seed, new, prior, kl_value, fraction=1.0):
         outcomes = {"PickCube-v1": [1] * new + [0] * (10 - new), "PushCube-v1": [1] * prior + [0] * (10 - prior)}
         return dict(run=run, arm=arm, seed=seed, new_task="PickCube-v1", new_success=new / 10,
                     prior_success={"PushCube-v1": prior / 10}, prior_mean=prior / 10, forward_kl=kl_value,
-                    outcomes=outcomes, eval_episodes=10)
+                    outcomes=outcomes, eval_episodes=10, fraction=fraction, forward_kl_per_dim=[kl_value / 7] * 7)
     rows = [point("base", "base", None, 1, 8, 0.0)]
     for seed in (0, 1):
-        rows += [point(f"grpo_lr0.0003_seed{seed}", "grpo", seed, n, p, k)
-                 for n, p, k in ((3, 8, 0.2 + seed), (4, 7, 0.5 + seed), (5, 7, 1.0 + seed))]
-        rows += [point(f"sft-demonstrator_lr0.0001_seed{seed}", "sft-demonstrator", seed, n, p, k)
-                 for n, p, k in ((2, 6, 1.0), (4, 4, 3.0 + seed), (4, 3, 5.0))]
+        rows += [point(f"grpo_lr0.0003_seed{seed}", "grpo", seed, n, p, k, f)
+                 for n, p, k, f in ((3, 8, 0.2 + seed, 1 / 3), (4, 7, 0.5 + seed, 2 / 3), (5, 7, 1.0 + seed, 1.0))]
+        rows += [point(f"sft-demonstrator_lr0.0001_seed{seed}", "sft-demonstrator", seed, n, p, k, f)
+                 for n, p, k, f in ((2, 6, 1.0, 1 / 3), (4, 4, 3.0 + seed, 2 / 3), (4, 3, 5.0, 1.0))]
     return rows
 
 
@@ -291,6 +291,7 @@ def test_forgetting_law_groups_by_run_and_counts_pi0_once():
     assert (low, high) != kl.bootstrap_r2(kls, prior)[1:]  # resampling points instead would give another interval
     table = vla.summarize(rows, [0.4])
     assert "R² = " in table and "SFT, other demonstrator" in table and "2 (0, 1)" in table
+    assert "RL, GRPO advantages: " + ", ".join(["0.214"] * 7) in table  # KL per dimension at the last points
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
@@ -316,7 +317,8 @@ def test_both_demonstrators_pick_the_cube_and_the_stand_in_rolls_out(stand_in):
     env = vla.make_env("PickCube-v1", image_size=32, horizon=20)
     for expert in (vla.lift_expert, vla.motion_planning_demonstrator):
         for seed in (10_000, 10_001):  # held-out starts; the study measures both on 100 of them
-            _, success = vla.run_episode(env, "PickCube-v1", (seed, None), 20, vla.expert_policy(env, "PickCube-v1", expert))
+            act = vla.expert_policy(env, "PickCube-v1", expert)
+            _, success = vla.run_episode(env, "PickCube-v1", (seed, None), 20, act)
             assert success  # grasped, and lifted 4 cm
     model, processor = vla.load_policy(stand_in)
     act = vla.model_policy(model, processor, INSTRUCTION, model.norm_stats["maniskill"], greedy=False,

@@ -1161,22 +1161,31 @@ def summarize(rows, levels):
             lines.append(f"- {label}: " + ", ".join(f"{v:.3f}" for v in per_dim) + f" (sum {per_dim.sum():.3f})")
     demonstrators = [r for r in rows if r["run"] == "demonstrators"]
     if demonstrators:
-        lines += ["", "| demonstrator | success (held out) | steps | success on the grid | mean action (x, y, z) | "
-                      "std (x, y, z) | xyz at the bound | step length | pi0's NLL per step |", "|---" * 9 + "|"]
-        for name in ("pi0_expert", "demonstrator"):
-            d = demonstrators[0][name]
-            lines.append(f"| {name} | {d['success']:.2f} | {d['steps']:.1f} | {d['grid_success']:.2f} | "
-                         f"{', '.join(f'{v:+.2f}' for v in d['mean'][:3])} | {', '.join(f'{v:.2f}' for v in d['std'][:3])} | "
-                         f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {d['pi0_nll_per_step']:.2f} |")
-        gap = demonstrators[0]["demonstrator"]["gap_to_pi0_expert"]
-        lines += ["", "Mean |demonstrator - pi0's expert| in the demonstrator's states, (x, y, z) in action units "
-                      f"(0.1 m): {', '.join(f'{v:.2f}' for v in gap[:3])}; gripper commands differ in {gap[6]:.0%} of steps"]
+        lines += [""] + describe_demonstrators(demonstrators[0])
     law = forgetting_law(rows)
     if law is not None:
         r2, low, high, n_points, n_runs = law
-        lines += ["", f"Forgetting law: prior-task mean vs forward KL, quadratic, R² = {r2:.2f} [{low:.2f}, {high:.2f}] "
-                      f"(kl.bootstrap_r2 resampling whole runs; {n_points} points of {n_runs} runs, pi0 counted once)"]
+        lines += ["", f"Forgetting law: prior-task mean vs forward KL, quadratic, R² = {r2:.2f} "
+                      f"[{low:.2f}, {high:.2f}] (kl.bootstrap_r2 resampling whole runs; {n_points} points of "
+                      f"{n_runs} runs, pi0 counted once)"]
     return "\n".join(lines)
+
+
+def describe_demonstrators(record):
+    """compare_demonstrators' record as a Markdown table and one line."""
+    lines = ["| demonstrator | success (held out) | steps | success on the grid | mean action (x, y, z) | "
+             "std (x, y, z) | xyz at the bound | step length | pi0's NLL per step |", "|---" * 9 + "|"]
+    for name in ("pi0_expert", "demonstrator"):
+        d = record[name]
+        mean = ", ".join(f"{v:+.2f}" for v in d["mean"][:3])
+        std = ", ".join(f"{v:.2f}" for v in d["std"][:3])
+        lines.append(f"| {name} | {d['success']:.2f} | {d['steps']:.1f} | {d['grid_success']:.2f} | {mean} | {std} | "
+                     f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {d['pi0_nll_per_step']:.2f} |")
+    gap = record["demonstrator"]["gap_to_pi0_expert"]
+    lines += ["", "Mean |demonstrator - pi0's expert| in the demonstrator's states, (x, y, z) in action units "
+                  f"(0.1 m): {', '.join(f'{v:.2f}' for v in gap[:3])}; gripper commands differ in "
+                  f"{gap[6]:.0%} of steps"]
+    return lines
 
 
 SERIES_COLORS = dict(zip(ARMS, ["tab:blue", "tab:cyan", "tab:purple", "tab:red", "tab:green", "tab:orange"]))
