@@ -904,7 +904,7 @@ def sft_dataset(args, arm, seed, setup, out):
     state = torch.load(source, weights_only=False) if source.exists() else None
     if state is None or state["step"] < args.iterations:
         sys.exit(f"error: sft-rl imitates the finished GRPO run of seed {seed}; run it first: "
-                 f"python vla_finetune.py --method grpo --lr {args.grpo_lr:g} --seed {seed}")
+                 f"python vla_finetune.py --method grpo --lr {args.grpo_lr:g} --seeds {seed}")
     rl_model, processor = load_policy(args.model, args.lora)
     _unwrap(rl_model).load_state_dict(state["model"], strict=True)
     return successful_rollouts(rl_model, processor, env, args.env, starts, setup["stats"], SEEDS["samples"] + seed,
