@@ -647,7 +647,10 @@ def sft_step(model, processor, optimizer, scheduler, instruction, images, tokens
     ids, pixels = encode(processor, model, instruction, images)
     logits = action_logits(model, ids, pixels, tokens)
     loss = kl.sft_loss(logits, (tokens - ACTION_TOKEN_BEGIN).to(logits.device))
-    _apply(model, optimizer, loss)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
+    optimizer.step()
     scheduler.step()
     return float(loss.detach())
 
@@ -684,13 +687,6 @@ def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advan
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
     optimizer.step()
     scheduler.step()
-
-
-def _apply(model, optimizer, loss):
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
-    optimizer.step()
 
 
 def make_optimizer(model, lr, warmup):
