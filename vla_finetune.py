@@ -1203,8 +1203,9 @@ def plot(rows, plots_dir):
         new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
         ax.scatter(new, prior, color=SERIES_COLORS[arm], alpha=0.35, s=15)
         front = kl.pareto_frontier(new, prior)
+        runs = len({r["run"] for r in pts}) - 1
         ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=SERIES_COLORS[arm],
-                label=ARMS[arm][1])
+                label=f"{ARMS[arm][1]} ({runs} run{'s' if runs > 1 else ''})")
     ax.scatter([r["new_success"] for r in base], [r["prior_mean"] for r in base], **star)
     ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off",
            xlim=(-0.03, 1.03))
