@@ -991,8 +991,10 @@ def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
         advantages = kl.reinforce_advantages(rewards).flatten()
     else:  # GRPO: reward normalised within its group (the paper's reward-normalisation baseline, App. B.2)
         advantages = kl.group_advantages(rewards).flatten()
-    kl_coef = args.kl_coef if arm == "grpo-kl" else 0.0
-    if advantages.abs().sum() > 0 or kl_coef > 0:  # all-equal groups carry no reward signal
+    # No update when every group ties: there is no reward signal, and a penalty-only step at pi = pi0 would
+    # have a zero gradient that Adam's normalisation turns into steps of size lr on rounding noise.
+    if advantages.abs().sum() > 0:
+        kl_coef = args.kl_coef if arm == "grpo-kl" else 0.0
         rl_step(model, setup["processor"], optimizer, scheduler, instruction, episodes, advantages,
                 setup["model"], kl_coef)
     return float(rewards.mean())
