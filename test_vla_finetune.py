@@ -294,6 +294,15 @@ def test_forgetting_law_groups_by_run_and_counts_pi0_once():
     assert "RL, GRPO advantages: " + ", ".join(["0.214"] * 7) in table  # KL per dimension at the last points
 
 
+def test_demonstrator_table_shows_pi0s_nll_only_when_measured():
+    stats = dict(success=0.97, steps=14.2, grid_success=1.0, mean=[0.1] * 7, std=[0.2] * 7, saturated_xyz=0.01,
+                 step_length_m=0.044)
+    record = dict(pi0_expert=dict(stats, pi0_nll_per_step=3.25), demonstrator=dict(stats, gap_to_pi0_expert=[0.1] * 7))
+    lines = vla.describe_demonstrators(record)
+    assert lines[2].startswith("| pi0_expert | 0.97 | 14.2 | 1.00 |") and lines[2].endswith("| 3.25 |")
+    assert lines[3].endswith("| 4.4 cm | – |") and "differ in 10% of steps" in lines[-1]
+
+
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         vla.parse_args(["--method", "grpo", "--lr", "-1"])

@@ -52,14 +52,16 @@ import kl
 # --------------------------------------------------------------------------------------------------
 
 NEW_TASK, PRIOR_TASKS = "PickCube-v1", ["PushCube-v1", "PullCube-v1"]
-METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", "sft-rl", "study", "plot"]
+METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", "sft-rl", "study", "demonstrators",
+           "plot"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, required=True,
                    help="bc: build pi0; an arm's name: fine-tune pi0 with it; study: every arm for every seed; "
-                        "plot: summary table and plots/vla_*.png from the results file")
+                        "demonstrators: print the two pick demonstrators' comparison; plot: summary table and "
+                        "plots/vla_*.png from the results file")
     p.add_argument("--model", default=None, help="policy to start from (default: OUT_DIR/base, built by bc) or a "
                                                  "hub id such as openvla/openvla-7b")
     p.add_argument("--env", default=NEW_TASK, help="new task (ManiSkill3 env id)")
@@ -1023,33 +1025,31 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def compare_demonstrators(args, setup, out):
-    """How competent and how different SFT's demonstrator is next to pi0's expert (once per folder): success
-    within the horizon on the evaluation starts; on the training grid the action statistics, pi0's negative
-    log-likelihood of each one's actions (its SFT loss at step 0, nats per step, 7 tokens), and the mean
-    |demonstrator - pi0's expert| per dimension in the demonstrator's own states (gripper: share of steps
-    where the two disagree)."""
-    results = out / "results.jsonl"
-    if any(r["run"] == "demonstrators" for r in read_results(results)):
-        return
-    env, model, processor = setup["envs"][args.env], setup["model"], setup["processor"]
+def compare_demonstrators(args, env, out, setup=None):
+    """How competent and how different SFT's demonstrator is next to pi0's expert: success within the horizon
+    on the evaluation starts; on the training grid the action statistics and the mean |demonstrator - pi0's
+    expert| per dimension in the demonstrator's own states (gripper: share of steps where the two disagree);
+    given pi0 (setup), its negative log-likelihood of each one's actions (its SFT loss at step 0, nats per
+    step, 7 tokens). Returns the record."""
     record = dict(run="demonstrators")
     for name, expert in (("pi0_expert", lift_expert), ("demonstrator", motion_planning_demonstrator)):
         held_out = [run_episode(env, args.env, start, args.horizon, expert_policy(env, args.env, expert))
                     for start in tqdm(evaluation_starts(args), desc=name, leave=False)]
         demos = collect_demos(env, args.env, training_grid(args.grid), out / "cache", expert=expert)
         actions = np.concatenate([d["actions"] for d in demos])
-        images, tokens = episodes_to_batch(demos, setup["stats"])
-        with torch.no_grad():
-            ids, pixels = encode(processor, model, task_info(args.env)["instruction"], list(images))
-            nll = -step_logprobs(model, ids, pixels, tokens)
         record[name] = dict(
             success=float(np.mean([success for _, success in held_out])),
             steps=float(np.mean([len(records) for records, _ in held_out])),
             grid_success=len(demos) / args.grid ** 2, mean=actions.mean(0).tolist(), std=actions.std(0).tolist(),
             saturated_xyz=float((np.abs(actions[:, :3]) >= 0.99).mean()),
-            step_length_m=float(np.linalg.norm(actions[:, :3], axis=1).mean() * 0.1),
-            pi0_nll_per_step=float(nll.mean()))
+            step_length_m=float(np.linalg.norm(actions[:, :3], axis=1).mean() * 0.1))
+        if setup is not None:
+            images, tokens = episodes_to_batch(demos, setup["stats"])
+            with torch.no_grad():
+                ids, pixels = encode(setup["processor"], setup["model"], task_info(args.env)["instruction"],
+                                     list(images))
+                nll = -step_logprobs(setup["model"], ids, pixels, tokens)
+            record[name]["pi0_nll_per_step"] = float(nll.mean())
     gaps = []
 
     def both(image):  # the demonstrator acts; pi0's expert is asked what it would do in the same state
@@ -1059,7 +1059,7 @@ def compare_demonstrators(args, setup, out):
     for start in training_grid(args.grid):
         run_episode(env, args.env, start, args.horizon, both)
     record["demonstrator"]["gap_to_pi0_expert"] = np.mean(gaps, axis=0).tolist()
-    append_result(results, record)
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1177,8 +1177,9 @@ def describe_demonstrators(record):
         d = record[name]
         mean = ", ".join(f"{v:+.2f}" for v in d["mean"][:3])
         std = ", ".join(f"{v:.2f}" for v in d["std"][:3])
+        nll = f"{d['pi0_nll_per_step']:.2f}" if "pi0_nll_per_step" in d else "–"
         lines.append(f"| {name} | {d['success']:.2f} | {d['steps']:.1f} | {d['grid_success']:.2f} | {mean} | {std} | "
-                     f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {d['pi0_nll_per_step']:.2f} |")
+                     f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {nll} |")
     gap = record["demonstrator"]["gap_to_pi0_expert"]
     lines += ["", "Mean |demonstrator - pi0's expert| in the demonstrator's states, (x, y, z) in action units "
                   f"(0.1 m): {', '.join(f'{v:.2f}' for v in gap[:3])}; gripper commands differ in "
@@ -1259,6 +1260,14 @@ def main(argv=None):
         (out / "summary.md").write_text(summary + "\n")
         print(summary)
         return
+    if args.method == "demonstrators":  # needs no pi0; with one, pi0's NLL of each one's actions is added
+        setup = None
+        if Path(args.model).exists():
+            model, processor = load_policy(args.model)
+            setup = dict(model=model, processor=processor, stats=next(iter(_unwrap(model).norm_stats.values())))
+        record = compare_demonstrators(args, make_env(args.env, args.image_size, args.horizon), out, setup)
+        print("\n".join(describe_demonstrators(record)))
+        return
     if args.model == str(out / "base") and not (out / "base").exists():
         if args.method != "bc" and args.method != "study":
             sys.exit(f"error: no pi0 in {out / 'base'}; build it first: python vla_finetune.py --method bc")
@@ -1267,7 +1276,8 @@ def main(argv=None):
         return
     setup = load_setup(args, out)
     if args.method == "study":
-        compare_demonstrators(args, setup, out)
+        if not any(r["run"] == "demonstrators" for r in read_results(out / "results.jsonl")):
+            append_result(out / "results.jsonl", compare_demonstrators(args, setup["envs"][args.env], out, setup))
         for arms in STUDY_ORDER:
             for seed in args.seeds:
                 for arm in arms:
