@@ -1,5 +1,6 @@
 """Tests for vla_finetune.py: OpenVLA's action tokenisation, the stand-in VLA, the RL/SFT updates, the
-KL, LoRA, and a short ManiSkill3 rollout (skipped only where no Vulkan device exists). CPU, offline."""
+KL, LoRA, the caches, the study's statistics, and short ManiSkill3 rollouts (skipped only where no Vulkan
+device exists). CPU, offline."""
 import ctypes.util
 import glob
 
@@ -13,7 +14,7 @@ import vla_finetune as vla
 INSTRUCTION = vla.TASKS["PickCube-v1"]["instruction"]
 
 
-# ---------------------------------------------------------------- tokenisation (PAPER.md §7.2)
+# ---------------------------------------------------------------- tokenisation (OpenVLA's public code)
 
 def test_action_token_constants():
     assert vla.ACTION_TOKEN_BEGIN == 31744 and vla.SPIECE_UNDERLINE_ID == 29871
@@ -43,37 +44,19 @@ def test_normalisation_round_trip_and_gripper_untouched():
     np.testing.assert_allclose(restored[inside], actions[inside], atol=1e-6)
 
 
-def test_random_shift_moves_each_image_by_at_most_pad_and_keeps_its_content():
-    images = np.zeros((200, 16, 16, 3), np.uint8)
-    images[:, 8, 8] = 255  # one bright pixel in the middle of every image
-    shifted = vla.random_shift(images, 3, np.random.default_rng(0))
-    assert shifted.shape == images.shape and np.array_equal(vla.random_shift(images, 0, None), images)
-    ys, xs = np.nonzero(shifted[..., 0] == 255)[1:]
-    assert len(ys) == 200 and set(ys - 8) == set(range(-3, 4)) and set(xs - 8) == set(range(-3, 4))
-
-
-def test_dart_noise_perturbs_the_executed_move_and_records_the_expert_action(monkeypatch):
-    clean = np.array([0.95, -0.2, 0.1, 0.0, 0.0, 0.0, -1.0])
-    monkeypatch.setitem(vla.TASKS, "Fake-v0", dict(instruction="x", expert=lambda env: clean.copy()))
-    act = vla.expert_policy(None, "Fake-v0", 0.1, np.random.default_rng(0))
-    steps = [act(None) for _ in range(2000)]
-    executed = np.stack([e for e, _ in steps])
-    assert all(np.array_equal(r, vla.to_policy_action(clean)) for _, r in steps)
-    assert np.array_equal(executed[:, 3:], np.tile(clean[3:], (2000, 1))) and np.all(np.abs(executed) <= 1)
-    np.testing.assert_allclose(executed[:, 1:3].std(0), 0.1, rtol=0.1)
-    np.testing.assert_allclose(executed[:, 1:3].mean(0), clean[1:3], atol=0.01)
-    assert executed[:, 0].max() == 1.0  # clipped at the action bound
-    assert np.array_equal(vla.expert_policy(None, "Fake-v0")(None)[0], clean)
-
-
-def test_one_axis_expert_keeps_only_the_lift_experts_largest_move(monkeypatch):
-    moves = [np.array([0.3, -0.7, 0.2, 0, 0, 0, 1.0]), np.array([0.01, 0.02, -0.5, 0, 0, 0, -1.0])]
-    for move in moves:
-        monkeypatch.setattr(vla, "lift_expert", lambda env: move.copy())
-        action = vla.one_axis_lift_expert(None)
-        largest = np.argmax(np.abs(move[:3]))
-        assert np.count_nonzero(action[:3]) == 1 and action[largest] == move[largest]
-        assert np.array_equal(action[3:], move[3:])  # rotation and gripper untouched
+def test_an_unused_action_dimension_maps_to_zero_as_in_openvla():
+    """OpenVLA's data_utils: clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1), then min == max dims -> 0."""
+    rng = np.random.default_rng(2)
+    actions = np.c_[rng.normal(size=(300, 3)) * 0.3, np.zeros((300, 2)), np.full((300, 1), 0.25),
+                    rng.integers(0, 2, size=(300, 1))]
+    stats = vla.action_stats(actions)
+    normalized = vla.normalize_actions(actions, stats)
+    assert np.array_equal(normalized[:, 3:6], np.zeros((300, 3)))  # was -1 (token 31999) before
+    assert np.all(vla.actions_to_tokens(normalized[:, 3:6]) == 31872)  # the zero bin
+    q01, q99 = np.array(stats["action"]["q01"][:3]), np.array(stats["action"]["q99"][:3])
+    np.testing.assert_allclose(normalized[:, :3], np.clip(2 * (actions[:, :3] - q01) / (q99 - q01 + 1e-8) - 1, -1, 1))
+    decoded = vla.unnormalize_actions(vla.tokens_to_actions(vla.actions_to_tokens(normalized)), stats)
+    np.testing.assert_allclose(decoded[:, 3:6], actions[:, 3:6])  # an unused dimension decodes to its constant
 
 
 # ---------------------------------------------------------------- the stand-in through the Auto classes
@@ -130,16 +113,21 @@ def kl_states(model, processor, images):
 def test_sft_update_changes_model_and_kl_grows_from_zero(stand_in, batch):
     model, processor = vla.load_policy(stand_in)
     states = kl_states(model, processor, batch[0])
-    kl_sum, kl_token = vla.forward_kl_on_states(model, processor, states, INSTRUCTION)
-    assert abs(kl_sum) < 1e-6 and abs(kl_token) < 1e-6
+    per_dim = vla.forward_kl_on_states(model, processor, states, INSTRUCTION)
+    assert per_dim.shape == (7,) and per_dim.abs().max() < 1e-6
     optimizer, scheduler = vla.make_optimizer(model, 1e-3, warmup=0)
     before = [p.detach().clone() for p in model.parameters()]
     losses = [vla.sft_step(model, processor, optimizer, scheduler, INSTRUCTION, batch[0], batch[1])
               for _ in range(5)]
     assert losses[-1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    kl_sum, kl_token = vla.forward_kl_on_states(model, processor, states, INSTRUCTION)
-    assert kl_sum > 1e-4 and kl_token == pytest.approx(kl_sum / 7, rel=1e-5)
+    per_dim = vla.forward_kl_on_states(model, processor, states, INSTRUCTION)
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, batch[0])
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, states["tokens"])
+    whole = kl.sequence_forward_kl(states["base_logits"], logits, torch.ones(6, 7))["sum"].mean()
+    assert per_dim.sum() > 1e-4 and float(per_dim.sum()) == pytest.approx(float(whole), rel=1e-5)
+    assert (per_dim > 0).all()  # every dimension's KL, reported as well as the sum
 
 
 def test_rl_update_raises_logprob_of_the_rewarded_episode(stand_in, batch):
@@ -174,6 +162,55 @@ def test_rl_minibatch_gradient_equals_full_batch(stand_in, batch):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
+def test_rl_loss_sums_each_episodes_steps_as_reinforce(stand_in, batch):
+    """The gradient is -(1/B) sum_e A_e sum_t grad log pi(a_t|o_t): a long episode's steps weigh as much as a
+    short one's (a per-episode mean would weigh the one step of a short episode 4 times more here)."""
+    images, _ = batch
+    model, processor = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(3))
+    episodes = [list(zip(images[:1], tokens[:1])), list(zip(images[1:5], tokens[1:5]))]
+    advantages = torch.tensor([1.0, 0.5])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                INSTRUCTION, episodes, advantages)
+    got = model.projector[0].weight.grad.clone()
+    model.zero_grad()
+    logprobs = vla.step_logprobs(model, ids[:5], pixels[:5], tokens[:5])
+    manual = -(1.0 * logprobs[0] + 0.5 * logprobs[1:5].sum()) / 2
+    manual.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.testing.assert_close(got, model.projector[0].weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_penalty_is_the_summed_reverse_kl_and_pulls_the_policy_back_to_pi0(stand_in, batch):
+    """With zero advantages the gradient is kl_coef (1/B) sum_e sum_t sum_tokens grad KL(pi || pi0), and a small
+    step along it lowers that KL."""
+    images, _ = batch
+    base, processor = vla.load_policy(stand_in)
+    model, _ = vla.load_policy(stand_in)
+    with torch.no_grad():
+        weight = model.projector[0].weight
+        weight.add_(0.3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)))
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(4))
+
+    def summed_reverse_kl():
+        return kl.reverse_kl(vla.action_logits(base, ids, pixels, tokens).detach(),
+                             vla.action_logits(model, ids, pixels, tokens)).sum()
+    before = summed_reverse_kl()
+    (0.5 * before / 2).backward()  # kl_coef 0.5, B = 2 episodes
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    manual = model.projector[0].weight.grad.clone()
+    model.zero_grad()
+    episodes = [list(zip(images[:2], tokens[:2])), list(zip(images[2:], tokens[2:]))]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                INSTRUCTION, episodes, torch.zeros(2), base_model=base, kl_coef=0.5, minibatch=4)
+    torch.testing.assert_close(model.projector[0].weight.grad, manual, atol=1e-6, rtol=1e-4)
+    assert float(summed_reverse_kl()) < float(before)
+
+
 def test_lora_applies_and_merges(stand_in, batch):
     model, processor = vla.load_policy(stand_in, lora=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -193,10 +230,85 @@ def test_lora_applies_and_merges(stand_in, batch):
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
 
+def test_cache_is_keyed_by_every_setting():
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        calls = []
+
+        def build():
+            calls.append(1)
+            return len(calls)
+        settings = dict(env_id="PickCube-v1", image_size=64, horizon=20, camera=vla.CAMERA, starts=[(0, None)])
+        assert vla.cached(folder, "demos", settings, build) == 1
+        assert vla.cached(folder, "demos", dict(settings), build) == 1 and len(calls) == 1  # reused
+        for change in (dict(camera=((0.3, 0.0, 0.4), (0.0, 0.0, 0.0), 0.9)), dict(image_size=32), dict(horizon=15),
+                       dict(starts=[(1, None)])):
+            assert vla.cached(folder, "demos", {**settings, **change}, build) == len(calls)  # rebuilt
+        assert len(calls) == 5
+
+
+def test_training_grid_covers_pickcubes_range_and_is_not_the_evaluation_set():
+    grid = vla.training_grid(8)
+    xy = np.array([p for _, p in grid])
+    assert len(grid) == 64 and len({tuple(p) for p in xy}) == 64 and np.abs(xy).max() < 0.1
+    assert xy[:, 0].min() == pytest.approx(-0.0875) and xy[:, 0].max() == pytest.approx(0.0875)
+    assert {s for s, _ in grid}.isdisjoint({s for s, _ in vla.evaluation_starts(vla.parse_args(["--method", "plot"]))})
+
+
+def _rows():
+    """Two arms, two seeds each, 3 later points; outcomes per episode as the study stores them."""
+    def point(run, arm, seed, new, prior, kl_value, fraction=1.0):
+        outcomes = {"PickCube-v1": [1] * new + [0] * (10 - new), "PushCube-v1": [1] * prior + [0] * (10 - prior)}
+        return dict(run=run, arm=arm, seed=seed, new_task="PickCube-v1", new_success=new / 10,
+                    prior_success={"PushCube-v1": prior / 10}, prior_mean=prior / 10, forward_kl=kl_value,
+                    outcomes=outcomes, eval_episodes=10, fraction=fraction, forward_kl_per_dim=[kl_value / 7] * 7)
+    rows = [point("base", "base", None, 1, 8, 0.0)]
+    for seed in (0, 1):
+        rows += [point(f"grpo_lr0.0003_seed{seed}", "grpo", seed, n, p, k, f)
+                 for n, p, k, f in ((3, 8, 0.2 + seed, 1 / 3), (4, 7, 0.5 + seed, 2 / 3), (5, 7, 1.0 + seed, 1.0))]
+        rows += [point(f"sft-demonstrator_lr0.0001_seed{seed}", "sft-demonstrator", seed, n, p, k, f)
+                 for n, p, k, f in ((2, 6, 1.0, 1 / 3), (4, 4, 3.0 + seed, 2 / 3), (4, 3, 5.0, 1.0))]
+    return rows
+
+
+def test_matched_success_reads_the_frontier_with_intervals():
+    rows = _rows()
+    grpo = [r for r in rows if r["arm"] in ("base", "grpo")]
+    prior, kl_value, prior_ci, kl_ci, share = vla.matched_success(grpo, sorted({r["run"] for r in grpo[1:]}), 0.4)
+    assert prior == pytest.approx(0.7) and kl_value == pytest.approx(0.5)  # best prior / lowest KL with new >= 0.4
+    assert prior_ci[0] <= prior <= prior_ci[1] and kl_ci[0] <= kl_value <= kl_ci[1] and 0 < share <= 1
+    assert prior_ci[1] > prior_ci[0]  # episodes resampled: the interval has width
+    assert np.isnan(vla.frontier_at([0.1, 0.2], [0.9, 0.8], [0.0, 1.0], 0.5)[0])  # never reached
+
+
+def test_forgetting_law_groups_by_run_and_counts_pi0_once():
+    rows = _rows()
+    rows.insert(1, dict(rows[0]))  # pi0 evaluated twice (e.g. two folders merged): still one point
+    kls, prior, groups = vla.law_points(rows)
+    assert len(kls) == 1 + 12 and groups.count("base") == 1 and groups.count("grpo_lr0.0003_seed0") == 3
+    r2, low, high, n_points, n_runs = vla.forgetting_law(rows)
+    assert (r2, low, high) == kl.bootstrap_r2(kls, prior, groups=groups) and (n_points, n_runs) == (13, 4)
+    assert (low, high) != kl.bootstrap_r2(kls, prior)[1:]  # resampling points instead would give another interval
+    table = vla.summarize(rows, [0.4])
+    assert "R² = " in table and "SFT, other demonstrator" in table and "2 (0, 1)" in table
+    assert "RL, GRPO advantages: " + ", ".join(["0.214"] * 7) in table  # KL per dimension at the last points
+
+
+def test_demonstrator_table_shows_pi0s_nll_only_when_measured():
+    stats = dict(success=0.97, steps=14.2, grid_success=1.0, mean=[0.1] * 7, std=[0.2] * 7, saturated_xyz=0.01,
+                 step_length_m=0.044)
+    record = dict(pi0_expert=dict(stats, pi0_nll_per_step=3.25), demonstrator=dict(stats, gap_to_pi0_expert=[0.1] * 7))
+    lines = vla.describe_demonstrators(record)
+    assert lines[2].startswith("| pi0_expert | 0.97 | 14.2 | 1.00 |") and lines[2].endswith("| 3.25 |")
+    assert lines[3].endswith("| 4.4 cm | – |") and "differ in 10% of steps" in lines[-1]
+
+
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
-        vla.parse_args(["--method", "rl", "--lr", "-1"])
+        vla.parse_args(["--method", "grpo", "--lr", "-1"])
     assert "--lr must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vla.parse_args(["--method", "study", "--lr", "1e-4"])
 
 
 # ---------------------------------------------------------------- ManiSkill3 (needs a Vulkan device)
@@ -210,21 +322,47 @@ needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason="ManiSkill's re
 
 
 @needs_vulkan
-def test_expert_and_stand_in_rollout_in_maniskill(stand_in):
-    env = vla.make_env("PickCube-v1", image_size=32, horizon=15)
-    _, success = vla.run_episode(env, "PickCube-v1", 0, 15, vla.expert_policy(env, "PickCube-v1"))
-    assert success  # the scripted expert grasps and lifts the cube
-    long_env = vla.make_env("PickCube-v1", image_size=32, horizon=20)  # one axis per step needs > 15 steps
-    _, success = vla.run_episode(long_env, "PickCube-v1", 0, 20,
-                                 vla.expert_policy(long_env, "PickCube-v1", expert=vla.one_axis_lift_expert))
-    assert success  # and so does the other demonstrator (in 26 of seeds 0-31 within 20 steps)
+def test_both_demonstrators_pick_the_cube_and_the_stand_in_rolls_out(stand_in):
+    env = vla.make_env("PickCube-v1", image_size=32, horizon=20)
+    for expert in (vla.lift_expert, vla.motion_planning_demonstrator):
+        for seed in (10_000, 10_001):  # held-out starts; the study measures both on 100 of them
+            act = vla.expert_policy(env, "PickCube-v1", expert)
+            _, success = vla.run_episode(env, "PickCube-v1", (seed, None), 20, act)
+            assert success  # grasped, and lifted 4 cm
     model, processor = vla.load_policy(stand_in)
-    stats = model.norm_stats["maniskill"]
-    act = vla.model_policy(model, processor, INSTRUCTION, stats, greedy=False,
+    act = vla.model_policy(model, processor, INSTRUCTION, model.norm_stats["maniskill"], greedy=False,
                            generator=torch.Generator().manual_seed(0))
-    records, _ = vla.run_episode(env, "PickCube-v1", 0, 3, act)
+    records, _ = vla.run_episode(env, "PickCube-v1", (0, None), 3, act)
     assert len(records) == 3 and records[0][0].shape == (32, 32, 3)
     assert all(r[1].shape == (7,) and r[1].min() >= 31744 for r in records)
+
+
+@needs_vulkan
+def test_a_grid_start_puts_the_cube_there_and_the_demonstrator_still_picks_it():
+    env = vla.make_env("PickCube-v1", image_size=32, horizon=20)
+    seed, xy = vla.training_grid(4)[5]
+    records, success = vla.run_episode(env, "PickCube-v1", (seed, xy), 20,
+                                       vla.expert_policy(env, "PickCube-v1", vla.motion_planning_demonstrator))
+    assert success
+    first = records[0][0]
+    env.reset(seed=seed, options=dict(reconfigure=True))
+    assert not np.allclose(vla._xyz(env.unwrapped.cube)[:2], xy, atol=5e-3)  # the seed alone puts it elsewhere
+    vla.run_episode(env, "PickCube-v1", (seed, xy), 1, lambda image: (np.zeros(7, np.float32), None))
+    np.testing.assert_allclose(vla._xyz(env.unwrapped.cube)[:2], xy, atol=2e-3)
+    assert np.array_equal(vla.run_episode(env, "PickCube-v1", (seed, xy), 1,
+                                          lambda image: (np.zeros(7, np.float32), None))[0][0][0], first)
+
+
+@needs_vulkan
+def test_a_demo_cache_built_with_one_camera_is_not_reused_with_another(tmp_path):
+    starts = [(10_000, None)]
+    views = []
+    for camera in (vla.CAMERA, ((0.35, 0.0, 0.4), (-0.05, 0.0, 0.02), 0.9)):
+        env = vla.make_env("PickCube-v1", image_size=32, horizon=20, camera=camera)
+        views.append(vla.collect_demos(env, "PickCube-v1", starts, tmp_path)[0]["images"][0])
+    assert len(list(tmp_path.glob("demos_*.pt"))) == 2 and not np.array_equal(views[0], views[1])
+    again = vla.collect_demos(vla.make_env("PickCube-v1", 32, 20), "PickCube-v1", starts, tmp_path)
+    assert np.array_equal(again[0]["images"][0], views[0])  # the first camera's cache, reused for that camera
 
 
 @needs_vulkan
@@ -233,10 +371,11 @@ def test_an_episode_replays_exactly_after_other_episodes():
     env = vla.make_env("PushCube-v1", image_size=32, horizon=15)
 
     def episode(seed):
-        records, _ = vla.run_episode(env, "PushCube-v1", seed, 15, vla.expert_policy(env, "PushCube-v1"))
+        records, _ = vla.run_episode(env, "PushCube-v1", (seed, None), 15, vla.expert_policy(env, "PushCube-v1"))
         return np.stack([r[0] for r in records]), vla._xyz(env.unwrapped.obj)
     first = episode(0)
-    episode(1), episode(2)
+    for seed in (1, 2):
+        episode(seed)
     again = episode(0)
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
 
@@ -254,26 +393,31 @@ def test_missing_policy_fails_with_a_clear_error(tmp_path):
     assert "cannot load a policy" in str(exit_info.value) and "--method bc" in str(exit_info.value)
 
 
+def drop_wall(rows):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
 @needs_vulkan
-@pytest.mark.parametrize("method", ["rl", "sft"])
+@pytest.mark.parametrize("method", ["grpo-kl", "sft-demonstrator"])
 def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, tmp_path, method):
-    horizon = "15" if method == "sft" else "3"  # the SFT expert needs ~13 steps to succeed; RL needs none
     tiny = ["--method", method, "--model", stand_in, "--prior-envs", "PushCube-v1", "--image-size", "32",
-            "--horizon", horizon, "--train-states", "1", "--sft-epochs", "1", "--batch-size", "8",
-            "--iterations", "2", "--states-per-iter", "1", "--group-size", "2", "--eval-points", "2",
-            "--eval-episodes", "1", "--kl-episodes", "1"]
+            "--grid", "1", "--sft-epochs", "1", "--batch-size", "8", "--iterations", "2", "--states-per-iter", "1",
+            "--group-size", "2", "--eval-points", "2", "--eval-episodes", "1", "--kl-episodes", "1"]
+    if method == "grpo-kl":
+        tiny += ["--horizon", "3"]  # RL needs no success to run; the demonstrator needs ~14 steps
     runs = {}
     for name in ("a", "b"):
         vla.main(tiny + ["--out-dir", str(tmp_path / name)])
         runs[name] = vla.read_results(tmp_path / name / "results.jsonl")
-    drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
-    assert len(runs["a"]) == 2 and drop_wall(runs["a"]) == drop_wall(runs["b"])  # same seed, same numbers
-    if method == "sft":
+    assert [r["run"] for r in runs["a"]] == ["base", f"{method}_lr{vla.ARMS[method][2]:g}_seed0"]
+    assert drop_wall(runs["a"]) == drop_wall(runs["b"])  # same seed, same numbers
+    assert len(runs["a"][-1]["forward_kl_per_dim"]) == 7 and runs["a"][0]["forward_kl"] == 0
+    if method == "sft-demonstrator":
         assert runs["a"][-1]["forward_kl"] > 0  # the update moved the policy away from pi0
     vla.main(tiny + ["--out-dir", str(tmp_path / "a")])  # complete: nothing is appended
     assert vla.read_results(tmp_path / "a" / "results.jsonl") == runs["a"]
     with pytest.raises(SystemExit, match="other --iterations"):  # another schedule under the same run name
-        longer = ["--iterations", "3"] if method == "rl" else ["--sft-epochs", "2"]
+        longer = ["--iterations", "3"] if method == "grpo-kl" else ["--sft-epochs", "2"]
         vla.main(tiny + ["--out-dir", str(tmp_path / "a")] + longer)
     # interrupted after its last checkpoint but before writing the last line: the rerun writes it once
     path = tmp_path / "b" / "results.jsonl"

@@ -1,38 +1,36 @@
-"""RL vs SFT on a vision-language-action policy: the robotics experiment of "RL's Razor" (App. B.2).
+"""RL vs SFT on a vision-language-action policy: the robotics experiment of "RL's Razor".
 
-Shenfeld, Pari, Agrawal (2025), arXiv 2509.04259, fine-tune OpenVLA-7B on a new pick task with SFT on
-demonstrations and with on-policy REINFORCE on a binary success reward, and measure forgetting as
-success on earlier manipulation tasks. This script runs the same loop on two model paths, loaded by the
-same `load_policy` (transformers' Auto classes):
+Shenfeld, Pari, Agrawal (2025), https://arxiv.org/abs/2509.04259, App. B.2 and Fig. 2: fine-tune OpenVLA-7B on
+a new pick task with SFT on another policy's successful demonstrations and with on-policy REINFORCE on a
+binary success reward, and measure forgetting as success on earlier manipulation tasks. This script runs
+that loop on two model paths, loaded by the same `load_policy` (transformers' Auto classes):
 
   --model openvla/openvla-7b   the real model: a GPU, the HuggingFace hub and OpenVLA's own pins in a
-                               separate environment (pip install -r requirements-openvla.txt: transformers
-                               4.40.1, timm 0.9.10, ...); bf16, optional --lora (r=32, all linear layers),
-                               --unnorm-key bridge_orig (or another key of its norm_stats), --image-size 224.
+                               separate environment (pip install -r requirements-openvla.txt); bf16,
+                               optional --lora (r=32, all linear layers), --unnorm-key, --image-size 224.
   --model PATH                 a tiny stand-in VLA this script builds (`--method bc` creates one under
                                OUT_DIR/base): a 2-layer Llama backbone, a small conv image encoder whose patch
                                embeddings follow <s> and precede the prompt, OpenVLA's 32000-token id layout
                                (the last 256 ids are the action bins), OpenVLA's prompt and `predict_action`.
-                               It is what the tests and the CPU experiment use (requirements.txt).
 
 The simulator is ManiSkill3 (CPU physics, RGB camera, `pd_ee_delta_pose`: 7-D actions in [-1, 1], the
-same format as OpenVLA's end-effector deltas); its renderer needs a Vulkan device (on a CPU-only Debian 12
-machine: mesa-vulkan-drivers 25.x from bookworm-backports, i.e. lavapipe). The CPU experiment, an
-analogue of the paper's and not a reproduction (new task PickCube, prior tasks PushCube and PullCube):
+same format as OpenVLA's end-effector deltas); its renderer needs a Vulkan device (docs/vla_finetune.md).
+The CPU analogue (new task PickCube, prior tasks PushCube and PullCube), every arm of the comparison:
 
-  python vla_finetune.py --method bc                        # expert demos, behaviour-clone the base pi0
-  python vla_finetune.py --method rl  --lr 1e-4 3e-4 1e-3   # fine-tune pi0 on the new task, GRPO (sweep)
-  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3   # ... or SFT on the expert's demonstrations
-  python vla_finetune.py --method sft --lr 1e-4 3e-4 1e-3 --sft-demos one-axis   # ... or another demonstrator's
-  python vla_finetune.py --method plot                      # plots/vla_pareto.png, vla_forgetting_vs_kl.png
+  python vla_finetune.py --method bc                        # pi0: behaviour-clone a stand-in on scripted demos
+  python vla_finetune.py --method grpo --seeds 0            # one arm, one run per seed (and per --lr)
+  python vla_finetune.py --method study --seeds 0 1 2       # every arm and seed; resumes where it stopped
+  python vla_finetune.py --method plot                      # summary table, plots/vla_*.png
 
-Every evaluation point appends one JSON line to OUT_DIR/results.jsonl (new-task success, prior-task
-success per task, forward KL(pi0 || pi) over the 7 action tokens on new-task observations); an
-interrupted run resumes from its last evaluation point without losing or duplicating a line. All losses
+Arms (ARMS): grpo, reinforce (1-0), grpo-kl (+ KL penalty), sft-demonstrator (SFT on a different, competent
+demonstrator: the paper's SFT), sft-pi0 (SFT on pi0's own successes: the oracle analogue), sft-rl (SFT on
+the GRPO policy's successes, Fig. 9). Every evaluation point appends one JSON line to OUT_DIR/results.jsonl;
+an interrupted run resumes from its last evaluation point without losing or duplicating a line. All losses
 and divergences come from kl.py.
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import sys
@@ -54,75 +52,75 @@ import kl
 # --------------------------------------------------------------------------------------------------
 
 NEW_TASK, PRIOR_TASKS = "PickCube-v1", ["PushCube-v1", "PullCube-v1"]
+METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", "sft-rl", "study", "demonstrators",
+           "plot"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["bc", "rl", "sft", "plot"], required=True,
-                   help="bc: collect expert demos and behaviour-clone the base pi0; rl / sft: fine-tune "
-                        "on the new task; plot: draw plots/vla_*.png from the results file")
-    p.add_argument("--model", default=None,
-                   help="policy to start from: a stand-in directory (default for rl/sft: OUT_DIR/base; "
-                        "for bc: a fresh stand-in) or a hub id such as openvla/openvla-7b")
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="bc: build pi0; an arm's name: fine-tune pi0 with it; study: every arm for every seed; "
+                        "demonstrators: print the two pick demonstrators' comparison; plot: summary table and "
+                        "plots/vla_*.png from the results file")
+    p.add_argument("--model", default=None, help="policy to start from (default: OUT_DIR/base, built by bc) or a "
+                                                 "hub id such as openvla/openvla-7b")
     p.add_argument("--env", default=NEW_TASK, help="new task (ManiSkill3 env id)")
-    p.add_argument("--prior-envs", nargs="*", default=PRIOR_TASKS, help="prior tasks: forgetting = their success")
-    p.add_argument("--out-dir", default="runs/vla", help="demos, checkpoints, results.jsonl")
+    p.add_argument("--prior-envs", nargs="+", default=PRIOR_TASKS, help="prior tasks: forgetting = their success")
+    p.add_argument("--out-dir", default="runs/vla", help="cache, checkpoints, results.jsonl")
     p.add_argument("--plots-dir", default="plots")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, nargs="+", default=[3e-4], help="one run per learning rate (sweep)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (one run each)")
+    p.add_argument("--lr", type=float, nargs="+", default=None,
+                   help="learning rates of a single arm (one run each; default: the arm's, ARMS); not with study")
     p.add_argument("--lora", action="store_true", help="LoRA r=32 on all linear layers (OpenVLA's recipe)")
     p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the model's only key)")
     # simulator
     p.add_argument("--image-size", type=int, default=64, help="camera resolution (OpenVLA: 224)")
-    p.add_argument("--horizon", type=int, default=20, help="steps per episode (experts need <= 15)")
-    # demonstrations and the base policy
+    p.add_argument("--horizon", type=int, default=20, help="steps per episode (the demonstrators need <= 17)")
+    # the base policy pi0
     p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
     p.add_argument("--new-demos-in-base", type=int, default=150, help="new-task demos mixed into pi0's data")
     p.add_argument("--bc-steps", type=int, default=6000)
     p.add_argument("--bc-lr", type=float, default=1e-3)
-    p.add_argument("--demo-noise", type=float, default=0.0,
-                   help="std of noise on the expert's executed xyz moves in pi0's demos, recorded clean (DART)")
-    p.add_argument("--bc-shift", type=int, default=0,
-                   help="random-shift augmentation in pixels for behaviour cloning (DrQ; 0: none)")
-    # fine-tuning
-    p.add_argument("--train-states", type=int, default=32,
-                   help="initial states (env seeds) of the new task used by both RL and SFT (paper: 10x10 grid)")
-    p.add_argument("--sft-epochs", type=int, default=3, help="epochs over one expert demo per training state")
-    p.add_argument("--sft-demos", choices=list(SFT_DEMONSTRATORS), default="expert",
-                   help="expert: demos of the expert pi0 was cloned from; one-axis: another demonstrator "
-                        "(the same moves, one axis per step)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=48, help="RL iterations (one update each)")
-    p.add_argument("--states-per-iter", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=4, help="rollouts per initial state (GRPO group)")
-    p.add_argument("--advantage", choices=["grpo", "reinforce"], default="grpo",
-                   help="grpo: group-normalised reward; reinforce: 1-0 REINFORCE (advantage = reward)")
+    # fine-tuning (paper App. B.2: a 10 x 10 grid, 5 trajectories per grid point per iteration)
+    p.add_argument("--grid", type=int, default=8, help="training positions: an N x N grid of cube positions")
+    p.add_argument("--samples-per-position", type=int, default=4,
+                   help="sft-pi0 / sft-rl: sampled episodes per grid position, the successful ones kept")
+    p.add_argument("--sft-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32, help="SFT and behaviour-cloning batch (frames)")
+    p.add_argument("--iterations", type=int, default=16, help="RL iterations (one update each)")
+    p.add_argument("--states-per-iter", type=int, default=16, help="grid positions per RL iteration")
+    p.add_argument("--group-size", type=int, default=4, help="episodes per position (one GRPO group)")
+    p.add_argument("--kl-coef", type=float, default=0.1, help="grpo-kl: weight of the KL(pi || pi0) penalty")
+    p.add_argument("--grpo-lr", type=float, default=ARMS["grpo"][2], help="sft-rl: the GRPO run it imitates")
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--eval-points", type=int, default=5, help="evaluations per run, evenly spaced")
-    p.add_argument("--eval-episodes", type=int, default=32, help="per task and evaluation point (paper: 100)")
-    p.add_argument("--kl-episodes", type=int, default=4, help="base rollouts whose frames measure the KL")
+    # evaluation
+    p.add_argument("--eval-points", type=int, default=4, help="points per run, evenly spaced, pi0's step 0 included")
+    p.add_argument("--eval-episodes", type=int, default=100, help="per task and point (paper: 100 positions)")
+    p.add_argument("--kl-episodes", type=int, default=4, help="pi0 rollouts whose frames measure the KL")
+    p.add_argument("--match-at", type=float, nargs="+", default=None,
+                   help="plot: new-task success levels to compare arms at (default: pi0's + 0.1 and + 0.2)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the stand-in is small: 1 is fastest "
-                                                          "per core; run two jobs side by side rather than 2 threads)")
+                                                          "per core)")
     args = p.parse_args(argv)
-    if args.method in ("rl", "sft") and args.model is None:
+    if args.model is None:
         args.model = str(Path(args.out_dir) / "base")
-    if args.bc_shift < 0 or args.demo_noise < 0:
-        p.error("--bc-shift and --demo-noise must be >= 0")
-    for name in ("horizon", "prior_demos", "bc_steps", "train_states", "sft_epochs", "batch_size", "iterations",
-                 "states_per_iter", "group_size", "eval_points", "eval_episodes", "kl_episodes", "image_size"):
+    for name in ("horizon", "prior_demos", "bc_steps", "grid", "samples_per_position", "sft_epochs", "batch_size",
+                 "iterations", "states_per_iter", "group_size", "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_points < 2:
-        p.error("--eval-points must be >= 2 (the start and the end of a run)")
-    if any(lr <= 0 for lr in args.lr):
-        p.error("--lr must be positive")
-    if args.states_per_iter > args.train_states:
-        p.error("--states-per-iter must be <= --train-states (initial states are drawn without replacement)")
+        p.error("--eval-points must be >= 2 (pi0 and the end of a run)")
+    if args.lr is not None and (args.method == "study" or any(lr <= 0 for lr in args.lr)):
+        p.error("--lr must be positive, and is for a single arm (study uses each arm's default, ARMS)")
+    if args.kl_coef < 0:
+        p.error("--kl-coef must be >= 0")
+    if args.states_per_iter > args.grid ** 2:
+        p.error("--states-per-iter must be <= --grid squared (positions are drawn without replacement)")
     return args
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. OpenVLA's action tokenisation (PAPER.md §7.2; constants of the public OpenVLA code)
+# 1. OpenVLA's action tokenisation (constants of the public OpenVLA code)
 # --------------------------------------------------------------------------------------------------
 
 VOCAB_SIZE = 32000            # Llama-2 vocabulary; OpenVLA pads its embedding matrix, not this number
@@ -156,19 +154,23 @@ def action_stats(actions):
     actions = np.asarray(actions, np.float64)
     mask = [True] * (ACTION_DIM - 1) + [False]
     return {"action": {"q01": np.quantile(actions, 0.01, axis=0).tolist(),
-                       "q99": np.quantile(actions, 0.99, axis=0).tolist(), "mask": mask}}
+                       "q99": np.quantile(actions, 0.99, axis=0).tolist(),
+                       "min": actions.min(0).tolist(), "max": actions.max(0).tolist(), "mask": mask}}
 
 
 def normalize_actions(actions, stats):
-    """a_n = clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1) on masked dims; others unchanged."""
-    q01, q99, mask = (np.asarray(stats["action"][k]) for k in ("q01", "q99", "mask"))
+    """a_n = clip(2 (a - q01) / (q99 - q01 + 1e-8) - 1, -1, 1) on masked dims, others unchanged; then every
+    unused dimension (min == max in the statistics) becomes 0, as OpenVLA's data pipeline maps it
+    (prismatic/vla/datasets/rlds/utils/data_utils.py, "Map unused action dimensions ... to all 0s")."""
+    q01, q99, mask, low, high = (np.asarray(stats["action"][k]) for k in ("q01", "q99", "mask", "min", "max"))
     actions = np.asarray(actions, np.float64)
     scaled = np.clip(2 * (actions - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
-    return np.where(mask, scaled, actions)
+    return np.where(low == high, 0.0, np.where(mask, scaled, actions))
 
 
 def unnormalize_actions(normalized, stats):
-    """Inverse on masked dims: 0.5 (a_n + 1)(q99 - q01) + q01 (OpenVLA's predict_action)."""
+    """Inverse on masked dims: 0.5 (a_n + 1)(q99 - q01) + q01 (OpenVLA's predict_action); an unused
+    dimension (q01 == q99) decodes to its constant value whatever its token."""
     q01, q99, mask = (np.asarray(stats["action"][k]) for k in ("q01", "q99", "mask"))
     normalized = np.asarray(normalized, np.float64)
     return np.where(mask, 0.5 * (normalized + 1) * (q99 - q01) + q01, normalized)
@@ -363,7 +365,7 @@ def encode(processor, model, instruction, images):
 def action_logits(model, input_ids, pixel_values, action_tokens):
     """Teacher-forced logits of the 7 action positions, restricted to the 256 action ids: [B, 7, 256].
 
-    Restricting and renormalising makes the policy the 256-way distribution it samples from (§7.2)."""
+    Restricting and renormalising makes the policy the 256-way distribution it samples from."""
     ids = torch.cat([input_ids, action_tokens[:, :-1].to(input_ids.device)], dim=1)
     logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, ACTION_DIM)).logits
     return _action_ids(logits[:, -ACTION_DIM:]).float()
@@ -402,7 +404,7 @@ def step_logprobs(model, input_ids, pixel_values, action_tokens):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Simulator, tasks and scripted experts (ManiSkill3, CPU physics, RGB camera)
+# 4. Simulator, tasks and the two pick demonstrators (ManiSkill3, CPU physics, RGB camera)
 # --------------------------------------------------------------------------------------------------
 
 LIFT_HEIGHT = 0.06  # cube centre (rest height 0.02) lifted by 4 cm while grasped
@@ -412,14 +414,27 @@ def _xyz(actor):
     return actor.pose.p[0].cpu().numpy()
 
 
+def _tcp(env):
+    return env.unwrapped.agent.tcp_pose.p[0].cpu().numpy()
+
+
 def _toward(tcp, target):
-    """pd_ee_delta_pose maps [-1, 1] to +-0.1 m: move the whole error in one step, clipped."""
+    """pd_ee_delta_pose maps [-1, 1] to +-0.1 m: move the whole error in one step, clipped per axis."""
     return np.clip((target - tcp) / 0.1, -1, 1)
 
 
+def _along_line(tcp, target, speed=0.06):
+    """A straight-line move toward the target at a constant speed (m per step), the last step shorter."""
+    error = target - tcp
+    distance = np.linalg.norm(error)
+    return error / max(distance, 1e-9) * min(distance, speed) / 0.1
+
+
 def lift_expert(env):
+    """pi0's expert (its behaviour-cloning data): proportional moves clipped per axis, pre-grasp 8 cm above
+    the cube, xy corrected during the descent, close within 5 mm, lift 3 cm a step."""
     u = env.unwrapped
-    cube, tcp = _xyz(u.cube), u.agent.tcp_pose.p[0].cpu().numpy()
+    cube, tcp = _xyz(u.cube), _tcp(env)
     if bool(u.agent.is_grasping(u.cube)[0]):  # lift 3 cm a step: a policy that closes and lifts in one step
         target, grip = np.r_[cube[:2], cube[2] + 0.03], -1.0  # (an easy confusion) still holds the cube
     elif np.linalg.norm(cube[:2] - tcp[:2]) > 0.02:  # the open fingers tolerate ~2 cm; the descent corrects xy
@@ -431,25 +446,30 @@ def lift_expert(env):
     return np.r_[_toward(tcp, target), 0, 0, 0, grip]
 
 
-def one_axis_lift_expert(env):
-    """Another demonstrator for the new task: the lift expert's moves, one axis per step (the largest error).
-    It solves the task too, with actions pi0 was never shown. SFT on its demos is the analogue of ParityMNIST's
-    SFT on fixed labels, and SFT on the lift expert's (whose demos pi0 was cloned from) of its oracle SFT:
-    the paper's claim is that the labels' distance from pi0, not the loss, decides forgetting (§3, §5)."""
-    action = lift_expert(env)
-    largest = np.argmax(np.abs(action[:3]))
-    action[:3] = np.where(np.arange(3) == largest, action[:3], 0.0)
-    return action
-
-
-# --sft-demos: name -> (tag in run and demo-file names, demonstrator; None = the task's own expert)
-SFT_DEMONSTRATORS = {"expert": ("demos", None), "one-axis": ("oneaxis", one_axis_lift_expert)}
+def motion_planning_demonstrator(env):
+    """SFT's demonstrator, a different competent policy (the paper's SFT data: another policy's successful
+    trajectories, App. B.2). It follows the waypoints of ManiSkill's motion-planning solution for PickCube
+    (mani_skill/examples/motionplanning/panda/solutions/pick_cube.py: a reach pose 5 cm above the grasp,
+    straight screw moves to it and down to the grasp, close, carry to PickCube's goal point; here at least
+    10 cm above the table, so that the cube is lifted), executed as end-effector deltas at a constant 6 cm per
+    step. mplib's joint-space plans are not used: the policy emits end-effector deltas. The goal point is
+    not in the camera image, so the carry's direction is something the images cannot predict."""
+    u = env.unwrapped
+    cube, tcp = _xyz(u.cube), _tcp(env)
+    if bool(u.agent.is_grasping(u.cube)[0]):
+        goal = _xyz(u.goal_site)
+        return np.r_[_along_line(tcp, np.r_[goal[:2], max(goal[2], cube[2] + 0.1)]), 0, 0, 0, -1.0]
+    if np.linalg.norm(cube[:2] - tcp[:2]) > 0.01:
+        return np.r_[_along_line(tcp, cube + [0, 0, 0.05]), 0, 0, 0, 1.0]
+    if tcp[2] - cube[2] > 0.005:
+        return np.r_[_along_line(tcp, cube), 0, 0, 0, 1.0]
+    return np.r_[0, 0, 0, 0, 0, 0, -1.0]
 
 
 def push_expert(env, direction):
     """Go over to the far side of the cube from the goal, descend, sweep along x (closed gripper)."""
     u = env.unwrapped
-    cube, goal, tcp = _xyz(u.obj), _xyz(u.goal_region), u.agent.tcp_pose.p[0].cpu().numpy()
+    cube, goal, tcp = _xyz(u.obj), _xyz(u.goal_region), _tcp(env)
     behind = np.r_[cube[0] - direction * 0.045, cube[1], 0.02]
     if (tcp[0] - cube[0]) * direction > -0.035 or abs(tcp[1] - cube[1]) > 0.01:
         far = np.linalg.norm(tcp[:2] - behind[:2]) > 0.01
@@ -480,15 +500,15 @@ def task_info(env_id):
     return TASKS.get(env_id, dict(instruction=env_id.split("-")[0].lower(), expert=None))
 
 
-# One fixed third-person camera for every task, as OpenVLA sees its datasets' single main view. ManiSkill's
-# defaults differ per task (PullCube looks from behind the robot) and show the 4 cm cube as ~2 pixels at 64 px.
-# This one looks at the workspace from the front and low (22 cm up), so the cube is ~7 pixels wide and the
-# gripper's height above it is visible: from higher up (eye (0.35, 0, 0.4)) the clone could not tell when to close.
-CAMERA = dict(eye=[0.3, 0.0, 0.22], target=[-0.05, 0.0, 0.02], fov=0.9)
+# One fixed third-person camera for every task (eye, target, field of view), as OpenVLA sees its datasets'
+# single main view. ManiSkill's defaults differ per task and show the 4 cm cube as ~2 pixels at 64 px. This one
+# looks at the workspace from the front and low (22 cm up), so the cube is ~7 pixels wide and the gripper's
+# height above it is visible: from higher up (eye (0.35, 0, 0.4)) the clone could not tell when to close.
+CAMERA = ((0.3, 0.0, 0.22), (-0.05, 0.0, 0.02), 0.9)
 
 
-@functools.cache  # one simulator per task and process: starting ManiSkill's renderer takes seconds
-def make_env(env_id, image_size, horizon):
+@functools.cache  # one simulator per task, resolution, horizon and camera: starting the renderer takes seconds
+def make_env(env_id, image_size, horizon, camera=CAMERA):
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the environments)
     from mani_skill.utils import assets, download_asset, sapien_utils
@@ -504,15 +524,18 @@ def make_env(env_id, image_size, horizon):
                if a in assets.DATA_SOURCES and not assets.is_data_source_downloaded(a)]
     if missing:
         refuse(f"{env_id} needs assets {missing} that are not on this machine.")
+    eye, target, fov = camera
     try:
-        return gym.make(env_id, obs_mode="rgb", control_mode="pd_ee_delta_pose", render_mode=None,
-                        sensor_configs=dict(width=image_size, height=image_size, base_camera=dict(
-                            pose=sapien_utils.look_at(CAMERA["eye"], CAMERA["target"]), fov=CAMERA["fov"])),
-                        max_episode_steps=horizon)
+        env = gym.make(env_id, obs_mode="rgb", control_mode="pd_ee_delta_pose", render_mode=None,
+                       sensor_configs=dict(width=image_size, height=image_size, base_camera=dict(
+                           pose=sapien_utils.look_at(list(eye), list(target)), fov=fov)),
+                       max_episode_steps=horizon)
     except RuntimeError as error:
         if "vulkan" in str(error).lower() or "render" in str(error).lower():
-            sys.exit("error: ManiSkill's renderer found no Vulkan device; install a driver (README: Vulkan)")
+            sys.exit("error: ManiSkill's renderer found no Vulkan device; install a driver (docs/vla_finetune.md)")
         raise
+    env.settings = dict(env_id=env_id, image_size=image_size, horizon=horizon, camera=camera)  # cache keys
+    return env
 
 
 def camera_image(obs):
@@ -528,12 +551,29 @@ def to_policy_action(env_action):
     return np.r_[env_action[:6], (env_action[6] + 1.0) / 2.0]
 
 
-def run_episode(env, env_id, seed, horizon, act):
-    """One episode from initial state `seed`; act(image) -> (env action, record). Stops at success."""
+def training_grid(n):
+    """The new task's training positions: the cube's centre on an n x n grid over PickCube's [-0.1, 0.1]^2
+    (cell centres), each with the yaw of its own env seed (paper, App. B.2: a 10 x 10 grid of positions).
+    Evaluation uses other, random positions: env seeds from SEEDS["eval"] on."""
+    cells = -0.1 + 0.2 * (np.arange(n) + 0.5) / n
+    return [(SEEDS["train"] + i * n + j, (float(x), float(y))) for i, x in enumerate(cells)
+            for j, y in enumerate(cells)]
+
+
+def run_episode(env, env_id, start, horizon, act):
+    """One episode from `start` = (env seed, cube xy or None); act(image) -> (env action, record). Stops at
+    success. The scene is rebuilt at every reset (reconfigure): a plain reset left ManiSkill's CPU physics
+    with state from earlier episodes, and the same policy on the same seed could succeed once and fail next."""
+    from mani_skill.utils.structs import Pose
     success_fn = task_info(env_id).get("success") or (lambda e, info: bool(info["success"][0]))
-    # reconfigure: rebuild the scene. A plain reset left ManiSkill's CPU physics with state from earlier episodes:
-    # the same policy on the same seed could succeed on one pass and fail on the next (1 of 32 PushCube episodes).
+    seed, xy = start
     obs, _ = env.reset(seed=seed, options=dict(reconfigure=True))
+    if xy is not None:  # a grid position: move the cube there, keep its height and yaw
+        cube = env.unwrapped.cube
+        position = cube.pose.p.clone()
+        position[0, :2] = torch.tensor(xy)
+        cube.set_pose(Pose.create_from_pq(p=position, q=cube.pose.q))
+        obs = env.unwrapped.get_obs()
     records, success = [], False
     for _ in range(horizon):
         image = camera_image(obs)
@@ -547,24 +587,19 @@ def run_episode(env, env_id, seed, horizon, act):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Policies acting in the simulator
+# 5. Policies acting in the simulator, and what they are measured by
 # --------------------------------------------------------------------------------------------------
 
 
-def expert_policy(env, env_id, noise=0.0, rng=None, expert=None):
-    """The scripted expert. With noise > 0 the executed xyz move is perturbed while the recorded action stays
-    the expert's (DART, Laskey et al. 2017): the demos then show how to recover from small errors, which a
-    cloned policy makes and clean demos never visit."""
+def expert_policy(env, env_id, expert=None):
+    """A scripted policy; records its action in the policy's format (gripper 1 = open, 0 = closed)."""
     expert = expert or task_info(env_id)["expert"]
     if expert is None:
         sys.exit(f"error: no scripted expert for {env_id}; demos exist for {', '.join(TASKS)}")
 
     def act(image):
         action = expert(env)
-        executed = action.copy()
-        if noise > 0:
-            executed[:3] = np.clip(action[:3] + rng.normal(0.0, noise, 3), -1, 1)
-        return executed, to_policy_action(action)
+        return action, to_policy_action(action)
     return act
 
 
@@ -578,36 +613,34 @@ def model_policy(model, processor, instruction, stats, greedy, generator=None):
     return act
 
 
-def evaluate_success(model, processor, envs, stats, seeds, horizon, desc):
-    """Greedy success rate per task on fixed evaluation seeds."""
+def evaluate_success(model, processor, envs, stats, starts, horizon):
+    """Greedy success of every episode on fixed evaluation starts, per task: {env_id: [0/1, ...]}."""
     model.eval()
-    rates = {}
+    outcomes = {}
     for env_id, env in envs.items():
         act = model_policy(model, processor, task_info(env_id)["instruction"], stats, greedy=True)
-        wins = [run_episode(env, env_id, s, horizon, act)[1] for s in tqdm(seeds, desc=f"{desc} {env_id}",
-                                                                           leave=False)]
-        rates[env_id] = float(np.mean(wins))
-    return rates
+        outcomes[env_id] = [int(run_episode(env, env_id, start, horizon, act)[1])
+                            for start in tqdm(starts, desc=f"eval {env_id}", leave=False)]
+    return outcomes
 
 
 @torch.no_grad()
 def forward_kl_on_states(model, processor, kl_states, instruction, batch=64):
-    """E_o [KL(pi0(.|o) || pi(.|o))] over the 7 action tokens (chain rule, prefixes sampled from pi0),
-    exact over the 256 action ids, restricted and renormalised (kl.sequence_forward_kl)."""
+    """E_o [KL(pi0(.|o) || pi(.|o))] per action dimension (chain rule, prefixes sampled from pi0), exact over
+    the 256 action ids, restricted and renormalised: a tensor [7]; its sum is the KL of the whole action."""
     model.eval()
-    sums, means = [], []
+    per_dim = []
     for i in range(0, len(kl_states["images"]), batch):
         images = kl_states["images"][i:i + batch]
         ids, pixels = encode(processor, model, instruction, list(images))
         logits = action_logits(model, ids, pixels, kl_states["tokens"][i:i + batch])
         base = kl_states["base_logits"][i:i + batch].to(logits.device)
-        out = kl.sequence_forward_kl(base, logits, torch.ones(logits.shape[:2]))
-        sums.append(out["sum"].cpu()), means.append(out["mean"].cpu())
-    return float(torch.cat(sums).mean()), float(torch.cat(means).mean())
+        per_dim.append(kl.forward_kl(base, logits).cpu())
+    return torch.cat(per_dim).mean(0)
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Updates: SFT (cross-entropy on expert action tokens) and RL (policy gradient on episode success)
+# 6. Updates: SFT (cross-entropy on action tokens) and RL (REINFORCE on episode success)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -616,14 +649,22 @@ def sft_step(model, processor, optimizer, scheduler, instruction, images, tokens
     ids, pixels = encode(processor, model, instruction, images)
     logits = action_logits(model, ids, pixels, tokens)
     loss = kl.sft_loss(logits, (tokens - ACTION_TOKEN_BEGIN).to(logits.device))
-    _apply(model, optimizer, scheduler, loss)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
+    optimizer.step()
+    scheduler.step()
     return float(loss.detach())
 
 
-def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages, minibatch=64):
-    """One policy-gradient update: each step's summed 7-token log-prob carries its episode's advantage;
-    kl.policy_gradient_loss averages an episode's steps, then the episodes (GRPO's aggregation).
-    The loss is linear in the log-probs, so minibatches of steps accumulate the exact full-batch gradient."""
+def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages, base_model=None,
+            kl_coef=0.0, minibatch=64):
+    """One REINFORCE update: loss = (1/B) sum_episodes sum_steps [-A_e log pi(a_t|o_t)], log pi of a step =
+    its 7 action tokens' log-probs summed (kl.policy_gradient_loss, aggregation "constant" with one "token"
+    per step: every step of an episode weighs the same, as in REINFORCE, whatever the episode's length).
+    With base_model and kl_coef > 0 ("RL + KL reg.", paper Fig. 3) the loss adds kl_coef times the exact
+    reverse KL(pi || pi0) over the 256 action ids, summed over the 7 tokens and the steps, over B.
+    Both terms are sums over steps, so minibatches of steps accumulate the exact full-batch gradient."""
     model.train()
     mask = torch.zeros(len(episodes), max(len(ep) for ep in episodes))
     for e, ep in enumerate(episodes):
@@ -632,20 +673,22 @@ def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advan
     optimizer.zero_grad()
     for i in range(0, len(steps), minibatch):
         chunk = steps[i:i + minibatch]
+        where = (torch.tensor([s[0] for s in chunk]), torch.tensor([s[1] for s in chunk]))
         ids, pixels = encode(processor, model, instruction, [s[2] for s in chunk])
-        logprobs = step_logprobs(model, ids, pixels, torch.stack([s[3] for s in chunk])).cpu()
-        placed = torch.zeros_like(mask).index_put(
-            (torch.tensor([s[0] for s in chunk]), torch.tensor([s[1] for s in chunk])), logprobs)
-        kl.policy_gradient_loss(placed, advantages, mask).backward()
+        tokens = torch.stack([s[3] for s in chunk])
+        logits = action_logits(model, ids, pixels, tokens)
+        logprobs = kl.token_logprobs(logits, (tokens - ACTION_TOKEN_BEGIN).to(logits.device)).sum(-1).cpu()
+        placed = torch.zeros_like(mask).index_put(where, logprobs)
+        loss = kl.policy_gradient_loss(placed, advantages, mask, aggregation="constant", max_tokens=1)
+        if kl_coef > 0:
+            with torch.no_grad():
+                base_logits = action_logits(base_model, ids, pixels, tokens)
+            penalty = kl.reverse_kl(base_logits, logits).sum(-1).cpu()
+            loss = loss + kl_coef * torch.zeros_like(mask).index_put(where, penalty).sum() / len(episodes)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
-    optimizer.step(), scheduler.step()
-
-
-def _apply(model, optimizer, scheduler, loss):
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
-    optimizer.step(), scheduler.step()
+    optimizer.step()
+    scheduler.step()
 
 
 def make_optimizer(model, lr, warmup):
@@ -657,106 +700,143 @@ def make_optimizer(model, lr, warmup):
 
 
 # --------------------------------------------------------------------------------------------------
-# 7. Demonstrations, the base policy pi0, and the fixed observations for the KL
+# 7. Data: demonstrations, the base policy pi0, successful rollouts, KL observations (cached, keyed)
 # --------------------------------------------------------------------------------------------------
 
-SEEDS = dict(eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000)  # + index; training: 0..N-1
+SEEDS = dict(train=0, eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000, samples=50_000)
 
 
-def collect_demos(env, env_id, seeds, horizon, path, noise=0.0, expert=None):
-    """Successful expert episodes (policy-format actions), saved once and reused."""
+def cached(folder, kind, settings, build):
+    """Load folder/{kind}_{hash of settings}.pt, or build it and save it there with its settings. Every setting
+    that shapes the data is in the key (env, camera, image size, horizon, starts, policy, seed), so changing
+    one never reuses stale data."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = Path(folder) / f"{kind}_{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
-    demos = []
-    for seed in tqdm(seeds, desc=f"expert demos {env_id}", leave=False):
-        act = expert_policy(env, env_id, noise, np.random.default_rng(seed), expert)
-        records, success = run_episode(env, env_id, seed, horizon, act)
-        if success:
-            demos.append(dict(seed=seed, images=np.stack([r[0] for r in records]),
-                              actions=np.stack([r[1] for r in records])))
-    if not demos:
-        sys.exit(f"error: the {env_id} expert succeeded in none of {len(seeds)} episodes within "
-                 f"--horizon {horizon}; raise --horizon (the experts need about 15 steps)")
+        return torch.load(path, weights_only=False)["data"]
+    data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(demos, path)
-    return demos
+    torch.save(dict(settings=settings, data=data), path)
+    return data
 
 
-def demo_batches(demos, stats):
-    """Flatten episodes into (images [N, S, S, 3], action tokens [N, 7])."""
-    images = np.concatenate([d["images"] for d in demos])
-    actions = np.concatenate([d["actions"] for d in demos])
+def model_fingerprint(name):
+    """A stand-in directory: its weight files' names, sizes and times (a rebuilt pi0 is a new key); a hub id:
+    the id."""
+    files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []
+    return [name] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def collect_demos(env, env_id, starts, folder, expert=None):
+    """Successful episodes of a scripted policy (policy-format actions), one per start, cached."""
+    def build():
+        demos = []
+        for start in tqdm(starts, desc=f"demos {env_id}", leave=False):
+            records, success = run_episode(env, env_id, start, env.settings["horizon"],
+                                           expert_policy(env, env_id, expert))
+            if success:
+                demos.append(dict(start=start, images=np.stack([r[0] for r in records]),
+                                  actions=np.stack([r[1] for r in records])))
+        if not demos:
+            sys.exit(f"error: the {env_id} demonstrator succeeded in none of {len(starts)} episodes within "
+                     f"--horizon {env.settings['horizon']}; raise --horizon (the demonstrators need about 15 steps)")
+        return demos
+    name = getattr(expert or task_info(env_id)["expert"], "__name__", None)
+    return cached(folder, "demos", dict(env.settings, demonstrator=name, starts=starts), build)
+
+
+def successful_rollouts(model, processor, env, env_id, starts, stats, seed, folder, policy_key):
+    """Sampled (temperature 1) episodes of a model from each start, kept when they succeed: the data of SFT
+    on pi0's own successes (the oracle analogue: pi0 conditioned on success, by rejection sampling, the
+    optimal distribution of Fig. 3 and Lemma A.1) and on the RL policy's (Fig. 9). Cached."""
+    def build():
+        generator = torch.Generator().manual_seed(seed)
+        act = model_policy(model, processor, task_info(env_id)["instruction"], stats, False, generator)
+        model.eval()
+        kept = []
+        for start in tqdm(starts, desc=f"samples {env_id}", leave=False):
+            records, success = run_episode(env, env_id, start, env.settings["horizon"], act)
+            if success:
+                kept.append(dict(start=start, images=np.stack([r[0] for r in records]),
+                                 tokens=torch.stack([r[1] for r in records])))
+        if not kept:
+            sys.exit(f"error: the policy succeeded in none of {len(starts)} sampled episodes, so there is nothing "
+                     f"to imitate; raise --samples-per-position")
+        return kept
+    return cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
+
+
+def episodes_to_batch(episodes, stats):
+    """Flatten episodes into (images [N, S, S, 3], action tokens [N, 7]); demonstrations' actions are
+    normalised with pi0's statistics and tokenised, sampled episodes carry their own tokens."""
+    images = np.concatenate([e["images"] for e in episodes])
+    if "tokens" in episodes[0]:
+        return images, torch.cat([e["tokens"] for e in episodes])
+    actions = np.concatenate([e["actions"] for e in episodes])
     return images, torch.as_tensor(actions_to_tokens(normalize_actions(actions, stats)))
-
-
-def random_shift(images, pad, rng):
-    """DrQ's augmentation (Kostrikov et al., 2020): pad each image by `pad` edge pixels and crop it back at a
-    random offset. It keeps where the gripper is relative to the cube and blurs where both are in the frame,
-    which a behaviour-cloned policy with few demos otherwise memorises."""
-    if pad == 0:
-        return images
-    size = images.shape[1]
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    offsets = rng.integers(0, 2 * pad + 1, size=(len(images), 2))
-    return np.stack([p[dy:dy + size, dx:dx + size] for p, (dy, dx) in zip(padded, offsets)])
 
 
 def behaviour_clone(args, out):
     """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus some new-task demos."""
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
-    noisy = f"_noise{args.demo_noise:g}" if args.demo_noise else ""
-    demo_sets = {e: ([SEEDS["prior_demos"] + i for i in range(args.prior_demos)], f"prior{args.prior_demos}")
-                 for e in args.prior_envs}
-    demo_sets[args.env] = ([SEEDS["base_new_demos"] + i for i in range(args.new_demos_in_base)],
-                           f"base{args.new_demos_in_base}")
-    data = {e: collect_demos(envs[e], e, seeds, args.horizon, out / "demos" / f"{e}_{name}{noisy}.pt", args.demo_noise)
-            for e, (seeds, name) in demo_sets.items()}
-    actions = np.concatenate([d["actions"] for demos in data.values() for d in demos])
-    stats = {"maniskill": action_stats(actions)}
-    path = build_stand_in(out / "stand_in_init", args.image_size, stats, args.seed)
-    model, processor = load_policy(str(path))
-    batches = {e: demo_batches(d, stats["maniskill"]) for e, d in data.items() if d}
-    sizes = np.array([len(b[1]) for b in batches.values()], np.float64)
+    starts = {e: [(SEEDS["prior_demos"] + i, None) for i in range(args.prior_demos)] for e in args.prior_envs}
+    starts[args.env] = [(SEEDS["base_new_demos"] + i, None) for i in range(args.new_demos_in_base)]
+    data = {e: collect_demos(envs[e], e, s, out / "cache") for e, s in starts.items()}
+    stats = {"maniskill": action_stats(np.concatenate([d["actions"] for demos in data.values() for d in demos]))}
+    model, processor = load_policy(str(build_stand_in(out / "stand_in_init", args.image_size, stats, seed=0)))
+    batches = {e: episodes_to_batch(d, stats["maniskill"]) for e, d in data.items()}
+    sizes = np.array([len(tokens) for _, tokens in batches.values()], np.float64)
     optimizer, scheduler = make_optimizer(model, args.bc_lr, warmup=50)
-    rng = np.random.default_rng(args.seed)
-    for step in (bar := tqdm(range(args.bc_steps), desc="behaviour cloning pi0")):
+    rng = np.random.default_rng(0)  # one pi0 for every fine-tuning seed, as the paper has one OpenVLA
+    bar = tqdm(range(args.bc_steps), desc="behaviour cloning pi0")
+    for _ in bar:
         env_id = list(batches)[rng.choice(len(batches), p=sizes / sizes.sum())]  # one task per batch
         images, tokens = batches[env_id]
         pick = rng.choice(len(tokens), size=min(args.batch_size, len(tokens)), replace=False)
         loss = sft_step(model, processor, optimizer, scheduler, task_info(env_id)["instruction"],
-                        list(random_shift(images[pick], args.bc_shift, rng)), tokens[pick])
+                        list(images[pick]), tokens[pick])
         bar.set_postfix(loss=f"{loss:.3f}")
     model.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
-    return model, processor, envs
 
 
-def kl_states_for(model, processor, env, args, stats, path):
-    """Observations from pi0's own (sampled) new-task episodes, one 7-token prefix per observation drawn
-    from pi0 (temperature 1, action ids only), and pi0's restricted logits there: computed once."""
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    generator = torch.Generator().manual_seed(args.seed)
-    act = model_policy(model, processor, task_info(args.env)["instruction"], stats, False, generator)
-    images = []
-    for i in range(args.kl_episodes):
-        records, _ = run_episode(env, args.env, SEEDS["kl"] + i, args.horizon, act)
-        images += [r[0] for r in records]
-    instruction = task_info(args.env)["instruction"]
-    tokens, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            ids, pixels = encode(processor, model, instruction, images[i:i + 64])
-            sampled = sample_action_tokens(model, ids, pixels, generator)
-            tokens.append(sampled), logits.append(action_logits(model, ids, pixels, sampled).cpu())
-    states = dict(images=np.stack(images), tokens=torch.cat(tokens), base_logits=torch.cat(logits))
-    torch.save(states, path)
-    return states
+def kl_states_for(model, processor, env, env_id, stats, kl_episodes, folder, policy_key):
+    """Observations from pi0's own sampled new-task episodes (held-out starts), one 7-token prefix per
+    observation drawn from pi0 (temperature 1, action ids only), and pi0's restricted logits there. Cached."""
+    def build():
+        generator = torch.Generator().manual_seed(0)
+        instruction = task_info(env_id)["instruction"]
+        act = model_policy(model, processor, instruction, stats, False, generator)
+        model.eval()
+        images = []
+        for i in range(kl_episodes):
+            records, _ = run_episode(env, env_id, (SEEDS["kl"] + i, None), env.settings["horizon"], act)
+            images += [r[0] for r in records]
+        tokens, logits = [], []
+        with torch.no_grad():
+            for i in range(0, len(images), 64):
+                ids, pixels = encode(processor, model, instruction, images[i:i + 64])
+                sampled = sample_action_tokens(model, ids, pixels, generator)
+                tokens.append(sampled)
+                logits.append(action_logits(model, ids, pixels, sampled).cpu())
+        return dict(images=np.stack(images), tokens=torch.cat(tokens), base_logits=torch.cat(logits))
+    return cached(folder, "kl_states", dict(env.settings, policy=policy_key, episodes=kl_episodes), build)
 
 
 # --------------------------------------------------------------------------------------------------
 # 8. Fine-tuning runs: one JSON line per evaluation point, resumable
 # --------------------------------------------------------------------------------------------------
+
+# The arms of the comparison, name -> (kind, label, default lr). Paper: App. B.2 (RL, SFT on another policy);
+# Fig. 3 (SFT on the optimal distribution, RL + KL reg. with coefficient 0.1); §5.1, Fig. 4 (1-0 REINFORCE); Fig. 9.
+ARMS = {
+    "grpo": ("rl", "RL, GRPO advantages", 3e-4),
+    "reinforce": ("rl", "RL, 1-0 REINFORCE", 3e-4),
+    "grpo-kl": ("rl", "RL, GRPO + KL(π‖π0) penalty", 3e-4),
+    "sft-demonstrator": ("sft", "SFT, other demonstrator", 1e-4),
+    "sft-pi0": ("sft", "SFT, π0's own successes (oracle)", 1e-4),
+    "sft-rl": ("sft", "SFT, GRPO policy's successes (Fig. 9)", 1e-4),
+}
 
 
 def read_results(path):
@@ -770,102 +850,174 @@ def append_result(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate_point(model, processor, envs, args, stats, kl_states):
-    seeds = [SEEDS["eval"] + i for i in range(args.eval_episodes)]
-    rates = evaluate_success(model, processor, envs, stats, seeds, args.horizon, "eval")
-    kl_sum, kl_token = forward_kl_on_states(model, processor, kl_states, task_info(args.env)["instruction"])
-    prior = {e: rates[e] for e in args.prior_envs}
-    return dict(new_task=args.env, new_success=rates[args.env], prior_success=prior,
-                prior_mean=float(np.mean(list(prior.values()))) if prior else float("nan"),
-                forward_kl=kl_sum, forward_kl_per_token=kl_token, kl_over="256 action ids, renormalised",
-                kl_states=len(kl_states["tokens"]), eval_episodes=args.eval_episodes)
+def evaluation_starts(args):
+    return [(SEEDS["eval"] + i, None) for i in range(args.eval_episodes)]
 
 
-def finetune(args, out, results_path, lr):
-    """Fine-tune pi0 on the new task with --method rl or sft at one learning rate."""
-    sft_tag, sft_expert = SFT_DEMONSTRATORS[args.sft_demos]
-    run = f"{args.method}_{args.advantage if args.method == 'rl' else sft_tag}_lr{lr:g}_seed{args.seed}"
-    done = {r["step"] for r in read_results(results_path) if r.get("run") == run}
-    total = args.iterations if args.method == "rl" else None
+def evaluate_point(model, processor, setup, args):
+    """New- and prior-task success (every episode's outcome kept, for the bootstrap) and the forward KL."""
+    outcomes = evaluate_success(model, processor, setup["envs"], setup["stats"], evaluation_starts(args),
+                                args.horizon)
+    per_dim = forward_kl_on_states(model, processor, setup["kl_states"], task_info(args.env)["instruction"])
+    prior = {e: float(np.mean(outcomes[e])) for e in args.prior_envs}
+    return dict(new_task=args.env, new_success=float(np.mean(outcomes[args.env])), prior_success=prior,
+                prior_mean=float(np.mean(list(prior.values()))), outcomes=outcomes,
+                forward_kl=float(per_dim.sum()), forward_kl_per_dim=per_dim.tolist(),
+                kl_states=len(setup["kl_states"]["tokens"]), eval_episodes=args.eval_episodes)
+
+
+def load_setup(args, out):
+    """pi0, its action statistics, the simulators and the KL observations; pi0 is evaluated once per folder
+    (the step-0 point that every run shares)."""
     model, processor = load_policy(args.model, args.lora)
     norm_stats = _unwrap(model).norm_stats
     key = args.unnorm_key or next(iter(norm_stats))
     if key not in norm_stats:
         sys.exit(f"error: --unnorm-key {key!r} is not in the model's norm_stats ({', '.join(norm_stats)})")
-    stats = norm_stats[key]
     envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+    setup = dict(model=model, processor=processor, stats=norm_stats[key], envs=envs,
+                 policy_key=model_fingerprint(args.model))
+    setup["kl_states"] = kl_states_for(model, processor, envs[args.env], args.env, setup["stats"],
+                                       args.kl_episodes, out / "cache", setup["policy_key"])
+    results = out / "results.jsonl"
+    if not any(r["run"] == "base" for r in read_results(results)):
+        record = evaluate_point(model, processor, setup, args)
+        append_result(results, dict(run="base", arm="base", lr=0.0, seed=None, step=0, fraction=0.0,
+                                    episodes_seen=0, **record))
+        print(f"base pi0: new {record['new_success']:.2f}, prior {record['prior_success']}")
+    return setup
+
+
+def sft_dataset(args, arm, seed, setup, out):
+    """The episodes SFT imitates on the training grid: the other demonstrator's, pi0's own successful samples,
+    or the finished GRPO run's (same seed and lr) successful samples."""
+    env, grid = setup["envs"][args.env], training_grid(args.grid)
+    if arm == "sft-demonstrator":
+        return collect_demos(env, args.env, grid, out / "cache", expert=motion_planning_demonstrator)
+    starts = grid * args.samples_per_position
+    if arm == "sft-pi0":
+        return successful_rollouts(setup["model"], setup["processor"], env, args.env, starts, setup["stats"],
+                                   SEEDS["samples"] + seed, out / "cache", setup["policy_key"])
+    source = out / "ckpt" / f"{run_name('grpo', args.grpo_lr, seed)}.pt"
+    state = torch.load(source, weights_only=False) if source.exists() else None
+    if state is None or state["step"] < args.iterations:
+        sys.exit(f"error: sft-rl imitates the finished GRPO run of seed {seed}; run it first: "
+                 f"python vla_finetune.py --method grpo --lr {args.grpo_lr:g} --seeds {seed}")
+    rl_model, processor = load_policy(args.model, args.lora)
+    _unwrap(rl_model).load_state_dict(state["model"], strict=True)
+    return successful_rollouts(rl_model, processor, env, args.env, starts, setup["stats"], SEEDS["samples"] + seed,
+                               out / "cache", [str(source), state["step"], state["wall"]])
+
+
+def run_name(arm, lr, seed):
+    return f"{arm}_lr{lr:g}_seed{seed}"
+
+
+def finetune(args, arm, lr, seed, setup, out):
+    """One run: fine-tune a fresh copy of pi0 with one arm, evaluating at evenly spaced points (the shared
+    step-0 point is pi0's); resumes from its last checkpoint and never writes a line twice."""
+    kind = ARMS[arm][0]
+    run, results = run_name(arm, lr, seed), out / "results.jsonl"
     instruction = task_info(args.env)["instruction"]
-    kl_states = kl_states_for(model, processor, envs[args.env], args, stats, out / f"kl_states_{args.env}.pt")
-    train_seeds = list(range(args.train_states))
-    if args.method == "sft":  # one successful expert demo per training initial state (paper: 10 per grid point)
-        suffix = "" if sft_expert is None else f"_{sft_tag}"  # the expert's demos keep their original file name
-        demos = collect_demos(envs[args.env], args.env, train_seeds, args.horizon,
-                              out / "demos" / f"{args.env}_train{args.train_states}{suffix}.pt", expert=sft_expert)
-        images, tokens = demo_batches(demos, stats)
+    if kind == "sft":
+        images, tokens = episodes_to_batch(sft_dataset(args, arm, seed, setup, out), setup["stats"])
         per_epoch = math.ceil(len(tokens) / args.batch_size)
         total = args.sft_epochs * per_epoch
-        shuffle = np.random.default_rng(args.seed)  # a fresh order per epoch, fixed before any resume
-        orders = [shuffle.permutation(len(tokens)) for _ in range(args.sft_epochs)]
-    eval_at = sorted({round(k * total / (args.eval_points - 1)) for k in range(args.eval_points)})
+    else:
+        total = args.iterations
+    eval_at = sorted({round(k * total / (args.eval_points - 1)) for k in range(1, args.eval_points)})
+    done = {r["step"] for r in read_results(results) if r["run"] == run}
     if done - set(eval_at):
-        sys.exit(f"error: {run} in {results_path} was run with other --iterations / --sft-epochs / "
-                 f"--batch-size / --eval-points; pass those again, or use another --out-dir")
+        sys.exit(f"error: {run} in {results} was run with other --iterations / --sft-epochs / --batch-size / "
+                 f"--eval-points / --grid; pass those again, or use another --out-dir")
     if total in done:
-        print(f"{run}: already complete in {results_path}")
+        print(f"{run}: already complete in {results}")
         return
+    torch.manual_seed(seed)  # LoRA's initialisation
+    model, _ = load_policy(args.model, args.lora)
     optimizer, scheduler = make_optimizer(model, lr, args.warmup_steps)
-    generator, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
-    step, episodes_seen, wall = 0, 0, 0.0
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    state = dict(step=0, episodes_seen=0, wall=0.0)
     ckpt = out / "ckpt" / f"{run}.pt"
-    if ckpt.exists():  # resume: weights, optimizer, scheduler and both random streams
-        state = torch.load(ckpt, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"]), scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        rng.bit_generator.state = state["rng"]
-        step, episodes_seen, wall = state["step"], state["episodes_seen"], state["wall"]
-        print(f"{run}: resuming at step {step}")
-    start = time.time() - wall
-    bar = tqdm(total=total, initial=step, desc=run)
+    if ckpt.exists():
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, generator, rng)
+        print(f"{run}: resuming at step {state['step']}")
+    if kind == "sft":  # a fresh order per epoch, all drawn up front so that a resumed run sees the same ones
+        shuffle = np.random.default_rng(seed)
+        orders = [shuffle.permutation(len(tokens)) for _ in range(args.sft_epochs)]
+    start = time.time() - state["wall"]
+    bar = tqdm(total=total, initial=state["step"], desc=run)
     while True:
+        step = state["step"]
         if step in eval_at and step not in done:
-            record = evaluate_point(model, processor, envs, args, stats, kl_states)
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(model={k: v for k, v in _unwrap(model).state_dict().items()},
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            generator=generator.get_state(), rng=rng.bit_generator.state, step=step,
-                            episodes_seen=episodes_seen, wall=time.time() - start), ckpt)
-            append_result(results_path, dict(run=run, method=args.method, lr=lr, seed=args.seed, step=step,
-                                             fraction=step / total, episodes_seen=episodes_seen,
-                                             wall_s=round(time.time() - start, 1), **record))
+            state["wall"] = time.time() - start
+            save_checkpoint(ckpt, model, optimizer, scheduler, generator, rng, state)
+            record = evaluate_point(model, setup["processor"], setup, args)
+            append_result(results, dict(run=run, arm=arm, lr=lr, seed=seed, step=step, fraction=step / total,
+                                        episodes_seen=state["episodes_seen"], wall_s=round(state["wall"], 1),
+                                        **record))
             bar.write(f"{run} step {step}: new {record['new_success']:.2f} prior {record['prior_mean']:.2f} "
                       f"KL {record['forward_kl']:.3f}")
             done.add(step)
         if step >= total:
             break
-        if args.method == "sft":
+        if kind == "sft":
             epoch, batch = divmod(step, per_epoch)
             pick = orders[epoch][batch * args.batch_size:(batch + 1) * args.batch_size]
-            sft_step(model, processor, optimizer, scheduler, instruction, list(images[pick]), tokens[pick])
+            sft_step(model, setup["processor"], optimizer, scheduler, instruction, list(images[pick]), tokens[pick])
         else:
-            states = rng.choice(train_seeds, size=args.states_per_iter, replace=False)
-            act = model_policy(model, processor, instruction, stats, greedy=False, generator=generator)
-            model.eval()
-            episodes, rewards = [], []
-            for seed in states:  # a group shares its initial state (same env seed)
-                for _ in range(args.group_size):
-                    records, success = run_episode(envs[args.env], args.env, int(seed), args.horizon, act)
-                    episodes.append(records), rewards.append(float(success))
-            rewards = torch.tensor(rewards).view(args.states_per_iter, args.group_size)
-            advantages = (kl.group_advantages(rewards) if args.advantage == "grpo"
-                          else kl.reinforce_advantages(rewards)).flatten()
-            episodes_seen += len(episodes)
-            if advantages.abs().sum() > 0:  # all-equal groups carry no signal
-                rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages)
-            bar.set_postfix(reward=f"{rewards.mean():.2f}")
-        step += 1
+            reward = rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng)
+            state["episodes_seen"] += args.states_per_iter * args.group_size
+            bar.set_postfix(reward=f"{reward:.2f}")
+        state["step"] += 1
         bar.update(1)
     bar.close()
+
+
+def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
+    """Sample a group of episodes from each of --states-per-iter training positions, score them 1/0, and take
+    one policy-gradient step. Returns the mean reward."""
+    grid = training_grid(args.grid)
+    picked = rng.choice(len(grid), size=args.states_per_iter, replace=False)
+    instruction = task_info(args.env)["instruction"]
+    act = model_policy(model, setup["processor"], instruction, setup["stats"], greedy=False, generator=generator)
+    model.eval()
+    episodes, rewards = [], []
+    for index in picked:  # a group shares its start
+        for _ in range(args.group_size):
+            records, success = run_episode(setup["envs"][args.env], args.env, grid[index], args.horizon, act)
+            episodes.append(records)
+            rewards.append(float(success))
+    rewards = torch.tensor(rewards).view(args.states_per_iter, args.group_size)
+    if arm == "reinforce":  # 1-0 REINFORCE: advantage = reward (§5.1, Fig. 4)
+        advantages = kl.reinforce_advantages(rewards).flatten()
+    else:  # GRPO: reward normalised within its group (the paper's reward-normalisation baseline, App. B.2)
+        advantages = kl.group_advantages(rewards).flatten()
+    # No update when every group ties: there is no reward signal, and a penalty-only step at pi = pi0 would
+    # have a zero gradient that Adam's normalisation turns into steps of size lr on rounding noise.
+    if advantages.abs().sum() > 0:
+        kl_coef = args.kl_coef if arm == "grpo-kl" else 0.0
+        rl_step(model, setup["processor"], optimizer, scheduler, instruction, episodes, advantages,
+                setup["model"], kl_coef)
+    return float(rewards.mean())
+
+
+def save_checkpoint(path, model, optimizer, scheduler, generator, rng, state):
+    """Weights, optimizer, scheduler, both random streams and the counters: a resumed run continues exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=_unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), generator=generator.get_state(), rng=rng.bit_generator.state,
+                    **state), path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler, generator, rng):
+    saved = torch.load(path, weights_only=False)
+    _unwrap(model).load_state_dict(saved["model"], strict=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    rng.bit_generator.state = saved["rng"]
+    return dict(step=saved["step"], episodes_seen=saved["episodes_seen"], wall=saved["wall"])
 
 
 def _unwrap(model):
@@ -873,65 +1025,218 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def compare_demonstrators(args, env, out, setup=None):
+    """How competent and how different SFT's demonstrator is next to pi0's expert: success within the horizon
+    on the evaluation starts; on the training grid the action statistics and the mean |demonstrator - pi0's
+    expert| per dimension in the demonstrator's own states (gripper: share of steps where the two disagree);
+    given pi0 (setup), its negative log-likelihood of each one's actions (its SFT loss at step 0, nats per
+    step, 7 tokens). Returns the record."""
+    record = dict(run="demonstrators")
+    for name, expert in (("pi0_expert", lift_expert), ("demonstrator", motion_planning_demonstrator)):
+        held_out = [run_episode(env, args.env, start, args.horizon, expert_policy(env, args.env, expert))
+                    for start in tqdm(evaluation_starts(args), desc=name, leave=False)]
+        demos = collect_demos(env, args.env, training_grid(args.grid), out / "cache", expert=expert)
+        actions = np.concatenate([d["actions"] for d in demos])
+        record[name] = dict(
+            success=float(np.mean([success for _, success in held_out])),
+            steps=float(np.mean([len(records) for records, _ in held_out])),
+            grid_success=len(demos) / args.grid ** 2, mean=actions.mean(0).tolist(), std=actions.std(0).tolist(),
+            saturated_xyz=float((np.abs(actions[:, :3]) >= 0.99).mean()),
+            step_length_m=float(np.linalg.norm(actions[:, :3], axis=1).mean() * 0.1))
+        if setup is not None:
+            images, tokens = episodes_to_batch(demos, setup["stats"])
+            with torch.no_grad():
+                ids, pixels = encode(setup["processor"], setup["model"], task_info(args.env)["instruction"],
+                                     list(images))
+                nll = -step_logprobs(setup["model"], ids, pixels, tokens)
+            record[name]["pi0_nll_per_step"] = float(nll.mean())
+    gaps = []
+
+    def both(image):  # the demonstrator acts; pi0's expert is asked what it would do in the same state
+        action = motion_planning_demonstrator(env)
+        gaps.append(np.abs(to_policy_action(action) - to_policy_action(lift_expert(env))))
+        return action, None
+    for start in training_grid(args.grid):
+        run_episode(env, args.env, start, args.horizon, both)
+    record["demonstrator"]["gap_to_pi0_expert"] = np.mean(gaps, axis=0).tolist()
+    return record
+
+
 # --------------------------------------------------------------------------------------------------
-# 9. Plots: trade-off (Pareto) and forgetting vs forward KL
+# 9. The study, its summary (matched-success frontiers with bootstrap intervals, the law's R^2) and plots
 # --------------------------------------------------------------------------------------------------
 
-
-SERIES = {"grpo": ("RL (GRPO)", "tab:blue"), "reinforce": ("RL (REINFORCE)", "tab:cyan"),
-          "demos": ("SFT, π0's expert", "tab:red"), "oneaxis": ("SFT, one-axis demonstrator", "tab:orange")}
-
-
-def series_of(row):
-    """Run names are {method}_{data}_lr..._seed...; data picks the series (GRPO, SFT on which demos, ...)."""
-    return row["run"].split("_")[1]
+# The claim's two arms first, seed by seed, then the controls: a study stopped early has the main comparison.
+STUDY_ORDER = [["sft-demonstrator", "grpo"], ["sft-pi0", "sft-rl", "reinforce", "grpo-kl"]]
 
 
-def plot(results_path, plots_dir):
+def frontier_at(new, prior, kls, level):
+    """The Pareto frontier read at matched new-task success: the best prior-task success, and the lowest
+    forward KL, among points whose new-task success is at least `level` (nan, nan if none reaches it)."""
+    reached = np.asarray(new) >= level - 1e-9
+    if not reached.any():
+        return float("nan"), float("nan")
+    return float(np.asarray(prior)[reached].max()), float(np.asarray(kls)[reached].min())
+
+
+def matched_success(points, runs, level, n_boot=1000, seed=0):
+    """frontier_at on an arm's points (base included), with a percentile 95 % interval from resampling whole
+    runs (seeds) and, within each point, its evaluation episodes. Returns (prior, kl, prior interval, kl
+    interval, share of resamples that reach the level)."""
+    def read(rows, rng):
+        new = [_resampled(r["outcomes"][r["new_task"]], rng) for r in rows]
+        prior = [np.mean([_resampled(r["outcomes"][e], rng) for e in r["prior_success"]]) for r in rows]
+        return frontier_at(new, prior, [r["forward_kl"] for r in rows], level)
+    base = [r for r in points if r["run"] == "base"]
+    by_run = {run: [r for r in points if r["run"] == run] for run in runs}
+    prior, kl_value = read(points, None)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        picked = rng.integers(len(runs), size=len(runs))
+        samples.append(read(base + [r for i in picked for r in by_run[runs[i]]], rng))
+    samples = np.array(samples)
+    reached = samples[~np.isnan(samples[:, 0])]
+    interval = (lambda column: np.quantile(column, [0.025, 0.975]).tolist() if len(column) else [np.nan] * 2)
+    return prior, kl_value, interval(reached[:, 0]), interval(reached[:, 1]), len(reached) / n_boot
+
+
+def _resampled(outcomes, rng):
+    outcomes = np.asarray(outcomes)
+    return outcomes.mean() if rng is None else outcomes[rng.integers(len(outcomes), size=len(outcomes))].mean()
+
+
+def law_points(rows):
+    """The forgetting law's points: pi0 once (every run's step 0 is pi0 itself), then every run's later
+    points; the group of a point is its run, so that the bootstrap resamples whole runs."""
+    points = [r for r in rows if r["run"] == "base"][:1] + [r for r in rows if r.get("arm") in ARMS]
+    return (np.array([r["forward_kl"] for r in points]), np.array([r["prior_mean"] for r in points]),
+            [r["run"] for r in points])
+
+
+def forgetting_law(rows):
+    """R^2 of the quadratic fit of prior-task success on forward KL with its run-bootstrap interval
+    (kl.bootstrap_r2, groups = runs), and the numbers of points and runs; None with fewer than 2 runs beside
+    pi0, or when prior-task success never varies (no variance to explain)."""
+    kls, prior, groups = law_points(rows)
+    if len(set(groups)) < 3 or np.ptp(prior) == 0:
+        return None
+    r2, low, high = kl.bootstrap_r2(kls, prior, groups=groups)
+    return r2, low, high, len(kls), len(set(groups)) - 1
+
+
+def summarize(rows, levels):
+    """The study's numbers as Markdown: per arm, runs and seeds done, and prior-task success and forward KL at
+    matched new-task success with intervals; the forgetting law's R^2 (kl.bootstrap_r2, grouped by run)."""
+    base = [r for r in rows if r["run"] == "base"]
+    points = [r for r in rows if r.get("arm") in ARMS]
+    lines = [f"pi0: new-task success {base[0]['new_success']:.2f}, prior {base[0]['prior_success']} "
+             f"({base[0]['eval_episodes']} episodes per task)", "",
+             "| arm | runs (seeds) | " + " | ".join(f"prior at new ≥ {l:.2f} [95 % CI] | KL at new ≥ {l:.2f} [CI]"
+                                                 for l in levels) + " |",
+             "|---|---|" + "---|---|" * len(levels)]
+    for arm, (_, label, _) in ARMS.items():
+        mine = [r for r in points if r["arm"] == arm]
+        if not mine:
+            continue
+        runs = sorted({r["run"] for r in mine})
+        cells = []
+        for level in levels:
+            prior, kl_value, prior_ci, kl_ci, share = matched_success(base + mine, runs, level)
+            if math.isnan(prior):
+                cells += ["not reached", "–"]
+            else:
+                cells += [f"{prior:.2f} [{prior_ci[0]:.2f}, {prior_ci[1]:.2f}] ({share:.0%})",
+                          f"{kl_value:.2f} [{kl_ci[0]:.2f}, {kl_ci[1]:.2f}]"]
+        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        lines.append(f"| {label} | {len(runs)} ({seeds}) | " + " | ".join(cells) + " |")
+    lines += ["", "Forward KL per action dimension (x, y, z, roll, pitch, yaw, gripper) at the runs' last points, "
+                  "mean over seeds:", ""]
+    for arm, (_, label, _) in ARMS.items():
+        last = [r for r in points if r["arm"] == arm and r["fraction"] == 1.0]
+        if last:
+            per_dim = np.mean([r["forward_kl_per_dim"] for r in last], axis=0)
+            lines.append(f"- {label}: " + ", ".join(f"{v:.3f}" for v in per_dim) + f" (sum {per_dim.sum():.3f})")
+    demonstrators = [r for r in rows if r["run"] == "demonstrators"]
+    if demonstrators:
+        lines += [""] + describe_demonstrators(demonstrators[0])
+    law = forgetting_law(rows)
+    if law is not None:
+        r2, low, high, n_points, n_runs = law
+        lines += ["", f"Forgetting law: prior-task mean vs forward KL, quadratic, R² = {r2:.2f} "
+                      f"[{low:.2f}, {high:.2f}] (kl.bootstrap_r2 resampling whole runs; {n_points} points of "
+                      f"{n_runs} runs, pi0 counted once)"]
+    return "\n".join(lines)
+
+
+def describe_demonstrators(record):
+    """compare_demonstrators' record as a Markdown table and one line."""
+    lines = ["| demonstrator | success (held out) | steps | success on the grid | mean action (x, y, z) | "
+             "std (x, y, z) | xyz at the bound | step length | pi0's NLL per step |", "|---" * 9 + "|"]
+    for name in ("pi0_expert", "demonstrator"):
+        d = record[name]
+        mean = ", ".join(f"{v:+.2f}" for v in d["mean"][:3])
+        std = ", ".join(f"{v:.2f}" for v in d["std"][:3])
+        nll = f"{d['pi0_nll_per_step']:.2f}" if "pi0_nll_per_step" in d else "–"
+        lines.append(f"| {name} | {d['success']:.2f} | {d['steps']:.1f} | {d['grid_success']:.2f} | {mean} | {std} | "
+                     f"{d['saturated_xyz']:.0%} | {100 * d['step_length_m']:.1f} cm | {nll} |")
+    gap = record["demonstrator"]["gap_to_pi0_expert"]
+    lines += ["", "Mean |demonstrator - pi0's expert| in the demonstrator's states, (x, y, z) in action units "
+                  f"(0.1 m): {', '.join(f'{v:.2f}' for v in gap[:3])}; gripper commands differ in "
+                  f"{gap[6]:.0%} of steps"]
+    return lines
+
+
+SERIES_COLORS = dict(zip(ARMS, ["tab:blue", "tab:cyan", "tab:purple", "tab:red", "tab:green", "tab:orange"]))
+
+
+def plot(rows, plots_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_results(results_path)
-    if not rows:
-        sys.exit(f"error: no results in {results_path}; run --method bc, rl and sft first")
     plots_dir.mkdir(parents=True, exist_ok=True)
-    base = [r for r in rows if r["method"] == "base"]
-    by_series = {key: [r for r in rows if r["method"] != "base" and series_of(r) == key] for key in SERIES}
-    by_series = {key: pts for key, pts in by_series.items() if pts}
+    base = [r for r in rows if r["run"] == "base"]
+    arms = {arm: [r for r in rows if r.get("arm") == arm] for arm in ARMS}
+    arms = {arm: pts for arm, pts in arms.items() if pts}
     star = dict(color="black", marker="*", s=120, zorder=3, label="base π0")
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for key, pts in by_series.items():
-        label, color = SERIES[key]
+    for arm, pts in arms.items():
         pts = base + pts
         new, prior = [r["new_success"] for r in pts], [r["prior_mean"] for r in pts]
-        ax.scatter(new, prior, color=color, alpha=0.4, s=15)
+        ax.scatter(new, prior, color=SERIES_COLORS[arm], alpha=0.35, s=15)
         front = kl.pareto_frontier(new, prior)
-        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=color, label=f"{label} frontier")
+        runs = len({r["run"] for r in pts}) - 1
+        ax.plot([new[i] for i in front], [prior[i] for i in front], "-o", color=SERIES_COLORS[arm],
+                label=f"{ARMS[arm][1]} ({runs} run{'s' if runs > 1 else ''})")
     ax.scatter([r["new_success"] for r in base], [r["prior_mean"] for r in base], **star)
     ax.set(xlabel="new-task success", ylabel="prior-task success (mean)", title="VLA analogue: trade-off",
            xlim=(-0.03, 1.03))
-    ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(plots_dir / "vla_pareto.png", dpi=120), plt.close(fig)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots_dir / "vla_pareto.png", dpi=120)
+    plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for key, pts in by_series.items():
-        label, color = SERIES[key]
-        for ax, field in zip(axes, ("prior_mean", "new_success")):
-            ax.scatter([r["forward_kl"] for r in pts], [r[field] for r in pts], color=color, s=20, alpha=0.7,
-                       label=label)
-    for ax, field in zip(axes, ("prior_mean", "new_success")):  # the base on top of the runs' step-0 points
-        ax.scatter([r["forward_kl"] for r in base], [r[field] for r in base], **star)
-    kls, prior = np.array([r["forward_kl"] for r in rows]), np.array([r["prior_mean"] for r in rows])
-    if len(rows) > 3:
-        coef, r2 = kl.fit_law(kls, prior)
+    for arm, pts in arms.items():
+        kls = [r["forward_kl"] for r in pts]
+        axes[0].scatter(kls, [r["prior_mean"] for r in pts], color=SERIES_COLORS[arm], s=20, label=ARMS[arm][1])
+        axes[1].scatter(kls, [r["new_success"] for r in pts], color=SERIES_COLORS[arm], s=20)
+    axes[0].scatter([0.0], [base[0]["prior_mean"]], **star)
+    axes[1].scatter([0.0], [base[0]["new_success"]], **star)
+    law = forgetting_law(rows)
+    if law is not None:
+        kls, prior, _ = law_points(rows)
         grid = np.linspace(0, kls.max(), 100)
-        axes[0].plot(grid, np.polyval(coef, grid), "k--", label=f"quadratic fit, all points, R²={r2:.2f}")
+        axes[0].plot(grid, np.polyval(kl.fit_law(kls, prior)[0], grid), "k--",
+                     label=f"quadratic fit, R²={law[0]:.2f} [{law[1]:.2f}, {law[2]:.2f}] (runs bootstrapped)")
     axes[0].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="prior-task success (mean)",
                 title="forgetting vs KL")
     axes[1].set(xlabel="forward KL(π0‖π), new-task observations", ylabel="new-task success", title="new task vs KL")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(plots_dir / "vla_forgetting_vs_kl.png", dpi=120), plt.close(fig)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots_dir / "vla_forgetting_vs_kl.png", dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -942,29 +1247,45 @@ def plot(results_path, plots_dir):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     out = Path(args.out_dir)
-    results_path = out / "results.jsonl"
     out.mkdir(parents=True, exist_ok=True)
+    rows = read_results(out / "results.jsonl")
     if args.method == "plot":
-        return plot(results_path, Path(args.plots_dir))
-    if args.method == "bc":
-        if (out / "base").exists():
-            model, processor = load_policy(str(out / "base"))
-            envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
-        else:
-            model, processor, envs = behaviour_clone(args, out)
-        if not any(r["run"] == "base" for r in read_results(results_path)):
-            stats = model.norm_stats[next(iter(model.norm_stats))]
-            kl_states = kl_states_for(model, processor, envs[args.env], args, stats,
-                                      out / f"kl_states_{args.env}.pt")
-            record = evaluate_point(model, processor, envs, args, stats, kl_states)
-            append_result(results_path, dict(run="base", method="base", lr=0.0, seed=args.seed, step=0,
-                                             fraction=0.0, episodes_seen=0, **record))
-            print(f"base pi0: new {record['new_success']:.2f}, prior {record['prior_success']}")
+        if not any(r["run"] == "base" for r in rows):
+            sys.exit(f"error: no results in {out / 'results.jsonl'}; run --method study (or bc and an arm) first")
+        base_new = next(r["new_success"] for r in rows if r["run"] == "base")
+        levels = args.match_at or [round(base_new + 0.1, 2), round(base_new + 0.2, 2)]
+        plot(rows, Path(args.plots_dir))
+        summary = summarize(rows, levels)
+        (out / "summary.md").write_text(summary + "\n")
+        print(summary)
         return
-    for lr in args.lr:
-        finetune(args, out, results_path, lr)
+    if args.method == "demonstrators":  # needs no pi0; with one, pi0's NLL of each one's actions is added
+        setup = None
+        if Path(args.model).exists():
+            model, processor = load_policy(args.model)
+            setup = dict(model=model, processor=processor, stats=next(iter(_unwrap(model).norm_stats.values())))
+        record = compare_demonstrators(args, make_env(args.env, args.image_size, args.horizon), out, setup)
+        print("\n".join(describe_demonstrators(record)))
+        return
+    if args.model == str(out / "base") and not (out / "base").exists():
+        if args.method != "bc" and args.method != "study":
+            sys.exit(f"error: no pi0 in {out / 'base'}; build it first: python vla_finetune.py --method bc")
+        behaviour_clone(args, out)
+    if args.method == "bc":
+        return
+    setup = load_setup(args, out)
+    if args.method == "study":
+        if not any(r["run"] == "demonstrators" for r in read_results(out / "results.jsonl")):
+            append_result(out / "results.jsonl", compare_demonstrators(args, setup["envs"][args.env], out, setup))
+        for arms in STUDY_ORDER:
+            for seed in args.seeds:
+                for arm in arms:
+                    finetune(args, arm, ARMS[arm][2], seed, setup, out)
+        return
+    for lr in args.lr or [ARMS[args.method][2]]:
+        for seed in args.seeds:
+            finetune(args, args.method, lr, seed, setup, out)
 
 
 if __name__ == "__main__":
