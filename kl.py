@@ -292,7 +292,7 @@ def bootstrap_r2(predictor, forgetting, groups=None, degree=2, n_boot=1000, ci=0
 
     groups: optional run id per point. Given, whole runs are resampled with replacement (their
     mid-training checkpoints are correlated, so resampling points would overstate certainty);
-    otherwise points are. Returns (r2, low, high).
+    otherwise points are. Returns (r2, low, high); all three are nan when the target never varies.
     """
     x, y = np.asarray(predictor, np.float64), np.asarray(forgetting, np.float64)
     groups = np.arange(len(x)) if groups is None else np.asarray(groups)
@@ -305,6 +305,8 @@ def bootstrap_r2(predictor, forgetting, groups=None, degree=2, n_boot=1000, ci=0
         r2 = fit_law(x[picked], y[picked], degree)[1]
         if not math.isnan(r2):
             samples.append(r2)
+    if not samples:  # every resample has a constant target (e.g. a prior-task score that never moved)
+        return fit_law(x, y, degree)[1], float("nan"), float("nan")
     low, high = np.quantile(samples, [(1 - ci) / 2, (1 + ci) / 2])
     return fit_law(x, y, degree)[1], float(low), float(high)
 

@@ -369,3 +369,8 @@ def test_pareto_frontier_on_a_hand_made_set():
     # accuracy is kept because its prior score beats everything more accurate
     assert kl.pareto_frontier(new, prior) == [5, 2, 0, 6, 4]
     assert kl.pareto_frontier([0.5, 0.6], [0.9, 0.9]) == [1]
+
+
+def test_bootstrap_r2_of_a_target_that_never_varies_is_undefined_not_an_error():
+    r2, low, high = kl.bootstrap_r2([0.0, 1.0, 2.0, 3.0], [0.5, 0.5, 0.5, 0.5], groups=["a", "a", "b", "b"], n_boot=50)
+    assert math.isnan(r2) and math.isnan(low) and math.isnan(high)
