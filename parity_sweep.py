@@ -564,8 +564,8 @@ def bench(args):
     # The paper grid's arithmetic at that peak: the least time any implementation could take on this machine.
     grid = paper_grid(args.seed)
     train_images = sum(c.epochs * (len(data.mnist_train_x) // c.batch_size) * c.batch_size for c in grid)
-    eval_points = sum(len(pm.evaluation_steps(c.epochs, len(data.mnist_train_x) // c.batch_size, 0.2)) + 1
-                      for c in grid)
+    eval_points = sum(len(pm.evaluation_steps(c.epochs, len(data.mnist_train_x) // c.batch_size,
+                                              args.eval_every)) + 1 for c in grid)
     total_flops = train_images * training_flops_per_image() + eval_points * eval_images * forward_flops_per_image()
     print(f"Paper grid ({len(grid)} runs): {train_images * training_flops_per_image() / 1e12:.0f} TFLOP of training, "
           f"{eval_points * eval_images * forward_flops_per_image() / 1e12:.0f} TFLOP of evaluation; at the peak "
