@@ -424,3 +424,75 @@ def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, t
     path.write_text(path.read_text().splitlines()[0] + "\n")
     vla.main(tiny + ["--out-dir", str(tmp_path / "b")])
     assert drop_wall(vla.read_results(path)) == drop_wall(runs["a"])
+
+
+# ==================================================================================================
+# The OpenVLA-7B path's pieces, on CPU (issue 16): fp32 adapters under bf16 autocast, adapter-only
+# checkpoints with strict resume, memory settings, batched KV-cached generation, the WidowX/Bridge units and
+# scenes, external demonstrations and statistics. The stand-in stands in for OpenVLA's shapes and interface.
+# ==================================================================================================
+
+def test_lora_weights_are_fp32_beside_a_bf16_base_and_keep_a_1e_6_update(stand_in, batch):
+    model, processor = vla.load_policy(stand_in, lora=True, dtype=torch.bfloat16)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    with torch.no_grad():  # a trained adapter: B no longer 0, so A has gradients too
+        for name, p in trainable.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.03)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer, scheduler = vla.make_optimizer(model, 1e-6, warmup=0)
+    vla.sft_step(model, processor, optimizer, scheduler, INSTRUCTION, batch[0], batch[1])  # under bf16 autocast
+    moved = [(trainable[n] - before[n])[trainable[n].grad != 0] for n in trainable if "lora_A" in n]
+    moved = torch.cat([m.flatten() for m in moved])
+    assert moved.numel() > 1000 and (moved.abs() > 0.5e-6).float().mean() > 0.99  # Adam's first step: ~lr each
+    a = torch.cat([before[n].flatten() for n in before if "lora_A" in n])
+    assert ((a.bfloat16() + 1e-6) == a.bfloat16()).float().mean() > 0.95  # lost to rounding in bf16 adapters
+
+
+def adapter_run(stand_in, seed):
+    torch.manual_seed(seed)
+    model, _ = vla.load_policy(stand_in, lora=True)
+    optimizer, scheduler = vla.make_optimizer(model, 1e-3, warmup=0)
+    return model, optimizer, scheduler, torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+
+
+def test_a_lora_checkpoint_holds_the_adapter_only_and_resumes_strictly(stand_in, batch, tmp_path):
+    import vla_finetune
+    model, optimizer, scheduler, generator, rng = adapter_run(stand_in, 0)
+    _, processor = vla.load_policy(stand_in)
+    vla.sft_step(model, processor, optimizer, scheduler, INSTRUCTION, batch[0], batch[1])
+    path = tmp_path / "run.pt"
+    vla.save_checkpoint(path, model, optimizer, scheduler, generator, rng, dict(step=1, episodes_seen=0, wall=0.0))
+    saved = torch.load(path, weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model" not in saved and set(saved["adapter"]) == trainable and all("lora_" in n for n in trainable)
+    assert sum(v.numel() for v in saved["adapter"].values()) < 0.2 * sum(p.numel() for p in model.parameters())
+    fresh, optimizer2, scheduler2, generator2, rng2 = adapter_run(stand_in, 1)
+    state = vla.load_checkpoint(path, fresh, optimizer2, scheduler2, generator2, rng2)
+    assert state["step"] == 1
+    for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(generator.get_state(), generator2.get_state())
+    # a renamed, a missing or an extra key, or another shape: one line, no partial load
+    first = sorted(saved["adapter"])[0]
+    broken = [{**saved["adapter"], first + "_renamed": saved["adapter"][first]},
+              {k: v for k, v in saved["adapter"].items() if k != first},
+              {**saved["adapter"], first: saved["adapter"][first][:1]}]
+    for adapter in broken:
+        torch.save({**saved, "adapter": adapter}, path)
+        with pytest.raises(SystemExit, match="does not match this model"):
+            vla.load_checkpoint(path, *adapter_run(stand_in, 2))
+    plain, _ = vla.load_policy(stand_in)  # saved with --lora, resumed without
+    with pytest.raises(SystemExit, match="with --lora"):
+        vla_finetune.load_trainable(plain, saved, path)
+
+
+def test_a_full_checkpoint_keeps_its_format_and_strict_load(stand_in, tmp_path):
+    model, _ = vla.load_policy(stand_in)
+    state = vla.trainable_state(model)
+    assert list(state) == ["model"] and set(state["model"]) == set(model.state_dict())
+    state["model"]["extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        vla.load_trainable(model, state, tmp_path / "x.pt")

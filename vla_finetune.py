@@ -29,6 +29,7 @@ an interrupted run resumes from its last evaluation point without losing or dupl
 and divergences come from kl.py.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -320,12 +321,12 @@ def build_stand_in(path, image_size=64, norm_stats=None, seed=0):
     return path
 
 
-def load_policy(name, lora=False):
+def load_policy(name, lora=False, dtype=None):
     """Both paths load the same way: the Auto classes (OpenVLA's remote code, or the registered stand-in).
 
-    bf16 on a GPU (OpenVLA's recipe), float32 on CPU. transformers 5 renamed `torch_dtype` to `dtype`;
-    OpenVLA's pinned 4.40.1 only knows the old name."""
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    Default dtype: bf16 on a GPU (OpenVLA's recipe), float32 on CPU. transformers 5 renamed `torch_dtype` to
+    `dtype`; OpenVLA's pinned 4.40.1 only knows the old name."""
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         processor = transformers.AutoProcessor.from_pretrained(name, trust_remote_code=True)
@@ -340,7 +341,25 @@ def load_policy(name, lora=False):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules="all-linear", init_lora_weights="gaussian"))
+        keep_trainable_in_fp32(model)
     return model, processor
+
+
+def keep_trainable_in_fp32(model):
+    """The adapter's weights in float32 beside a bf16 base. bf16 keeps 8 significant bits: an AdamW step of
+    1e-6 to 3e-5 (the paper's learning rates) on a LoRA weight of size ~0.03 is below half its spacing
+    (~1e-4) and rounds away. The forward runs under bf16 autocast (`autocast`), so the matmuls stay bf16."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def autocast(model):
+    """bf16 autocast when the (frozen) weights are bf16, so fp32 adapters and bf16 weights compute together;
+    nothing otherwise (the float32 stand-in runs exactly as without it)."""
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return torch.autocast(device_of(model).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +386,8 @@ def action_logits(model, input_ids, pixel_values, action_tokens):
 
     Restricting and renormalising makes the policy the 256-way distribution it samples from."""
     ids = torch.cat([input_ids, action_tokens[:, :-1].to(input_ids.device)], dim=1)
-    logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, ACTION_DIM)).logits
+    with autocast(model):
+        logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, ACTION_DIM)).logits
     return _action_ids(logits[:, -ACTION_DIM:]).float()
 
 
@@ -387,7 +407,8 @@ def sample_action_tokens(model, input_ids, pixel_values, generator=None, greedy=
     """Autoregressively draw 7 action ids from the restricted distribution (temperature 1)."""
     ids = input_ids
     for _ in range(ACTION_DIM):
-        logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, 1)).logits
+        with autocast(model):
+            logits = model(input_ids=ids, pixel_values=pixel_values, **_last(model, 1)).logits
         logits = _action_ids(logits[:, -1])
         if greedy:
             choice = logits.argmax(-1)
@@ -904,7 +925,7 @@ def sft_dataset(args, arm, seed, setup, out):
         sys.exit(f"error: sft-rl imitates the finished GRPO run of seed {seed}; run it first: "
                  f"python vla_finetune.py --method grpo --lr {args.grpo_lr:g} --seeds {seed}")
     rl_model, processor = load_policy(args.model, args.lora)
-    _unwrap(rl_model).load_state_dict(state["model"], strict=True)
+    load_trainable(rl_model, state, source)
     return successful_rollouts(rl_model, processor, env, args.env, starts, setup["stats"], SEEDS["samples"] + seed,
                                out / "cache", [str(source), state["step"], state["wall"]])
 
@@ -1003,21 +1024,48 @@ def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, generator, rng, state):
-    """Weights, optimizer, scheduler, both random streams and the counters: a resumed run continues exactly."""
+    """Trainable weights, optimizer, scheduler, both random streams and the counters: a resumed run continues
+    exactly. With LoRA only the adapter is saved (OpenVLA-7B's frozen 15 GB come from the hub again)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(model=_unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), generator=generator.get_state(), rng=rng.bit_generator.state,
-                    **state), path)
+    torch.save(dict(**trainable_state(model), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    generator=generator.get_state(), rng=rng.bit_generator.state, **state), path)
 
 
 def load_checkpoint(path, model, optimizer, scheduler, generator, rng):
     saved = torch.load(path, weights_only=False)
-    _unwrap(model).load_state_dict(saved["model"], strict=True)
+    load_trainable(model, saved, path)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     generator.set_state(saved["generator"])
     rng.bit_generator.state = saved["rng"]
     return dict(step=saved["step"], episodes_seen=saved["episodes_seen"], wall=saved["wall"])
+
+
+def trainable_state(model):
+    """{"adapter": the trainable (LoRA) weights} for a peft model, {"model": every weight} otherwise."""
+    if hasattr(model, "peft_config"):
+        return dict(adapter={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    return dict(model=model.state_dict())
+
+
+def load_trainable(model, saved, path):
+    """Load what trainable_state saved, strictly: every name and shape must match, or one line says why."""
+    if hasattr(model, "peft_config") != ("adapter" in saved):
+        sys.exit(f"error: {path} was saved {'with' if 'adapter' in saved else 'without'} --lora; pass the same "
+                 f"--lora as the run that wrote it, or use another --out-dir")
+    if "model" in saved:
+        model.load_state_dict(saved["model"], strict=True)
+        return
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(saved["adapter"])), sorted(set(saved["adapter"]) - set(params))
+    wrong = [n for n in set(params) & set(saved["adapter"]) if params[n].shape != saved["adapter"][n].shape]
+    if missing or unexpected or wrong:
+        sys.exit(f"error: the adapter in {path} does not match this model ({len(missing)} missing, "
+                 f"{len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. "
+                 f"{(missing + unexpected + wrong)[0]}); use the --model and LoRA settings it was trained with")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved["adapter"][name])
 
 
 def _unwrap(model):
