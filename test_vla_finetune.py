@@ -496,3 +496,36 @@ def test_a_full_checkpoint_keeps_its_format_and_strict_load(stand_in, tmp_path):
     state["model"]["extra.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         vla.load_trainable(model, state, tmp_path / "x.pt")
+
+
+def test_openvla_gets_memory_safe_defaults_and_the_stand_in_keeps_its_own():
+    real = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b"])
+    assert (real.lora, real.micro_batch, real.gradient_checkpointing, real.image_size) == (True, 8, True, 224)
+    mine = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b", "--no-lora", "--micro-batch", "4"])
+    assert (mine.lora, mine.micro_batch) == (False, 4)
+    stand_in = vla.parse_args(["--method", "grpo"])
+    assert (stand_in.lora, stand_in.micro_batch, stand_in.gradient_checkpointing, stand_in.image_size) == (
+        False, 64, False, 64)
+
+
+def lora_gradients(stand_in, batch, gradient_checkpointing, micro_batch):
+    torch.manual_seed(0)
+    model, processor = vla.load_policy(stand_in, lora=True, gradient_checkpointing=gradient_checkpointing)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.03)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    loss = vla.sft_step(model, processor, optimizer, scheduler, INSTRUCTION, batch[0], batch[1], micro_batch)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, model
+
+
+def test_gradient_checkpointing_and_micro_batches_give_the_whole_batchs_gradient(stand_in, batch):
+    loss, grads, _ = lora_gradients(stand_in, batch, gradient_checkpointing=False, micro_batch=None)
+    for checkpointing, micro in ((True, None), (False, 4), (True, 1)):
+        other_loss, other, model = lora_gradients(stand_in, batch, checkpointing, micro)
+        assert model.get_base_model().language_model.is_gradient_checkpointing == checkpointing
+        assert other_loss == pytest.approx(loss, rel=1e-5)
+        for name in grads:
+            torch.testing.assert_close(other[name], grads[name], atol=1e-6, rtol=1e-4)

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -57,6 +58,12 @@ METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", 
            "plot"]
 
 
+# What the two paths default to where an argument is not given. OpenVLA-7B's fit one 80 GB GPU with room to
+# spare (the arithmetic: docs/vla_finetune.md, "Memory and time").
+STAND_IN_DEFAULTS = dict(lora=False, micro_batch=64, gradient_checkpointing=False, image_size=64)
+REAL_DEFAULTS = dict(lora=True, micro_batch=8, gradient_checkpointing=True, image_size=224)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, required=True,
@@ -72,10 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (one run each)")
     p.add_argument("--lr", type=float, nargs="+", default=None,
                    help="learning rates of a single arm (one run each; default: the arm's, ARMS); not with study")
-    p.add_argument("--lora", action="store_true", help="LoRA r=32 on all linear layers (OpenVLA's recipe)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA r=32 on all linear layers (OpenVLA's recipe; default: on for OpenVLA, off for the stand-in)")
     p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the model's only key)")
     # simulator
-    p.add_argument("--image-size", type=int, default=64, help="camera resolution (OpenVLA: 224)")
+    p.add_argument("--image-size", type=int, default=None, help="camera resolution (default: 64, OpenVLA 224)")
     p.add_argument("--horizon", type=int, default=20, help="steps per episode (the demonstrators need <= 17)")
     # the base policy pi0
     p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
@@ -88,6 +96,11 @@ def parse_args(argv=None):
                    help="sft-pi0 / sft-rl: sampled episodes per grid position, the successful ones kept")
     p.add_argument("--sft-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="SFT and behaviour-cloning batch (frames)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="frames per forward/backward pass; gradients accumulate to the whole batch's (default: "
+                        "64, OpenVLA 8)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute the decoder layers in the backward pass (default: on for OpenVLA)")
     p.add_argument("--iterations", type=int, default=16, help="RL iterations (one update each)")
     p.add_argument("--states-per-iter", type=int, default=16, help="grid positions per RL iteration")
     p.add_argument("--group-size", type=int, default=4, help="episodes per position (one GRPO group)")
@@ -105,7 +118,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.model is None:
         args.model = str(Path(args.out_dir) / "base")
-    for name in ("horizon", "prior_demos", "bc_steps", "grid", "samples_per_position", "sft_epochs", "batch_size",
+    for name, value in (REAL_DEFAULTS if is_openvla(args.model) else STAND_IN_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("micro_batch", "horizon", "prior_demos", "bc_steps", "grid", "samples_per_position", "sft_epochs", "batch_size",
                  "iterations", "states_per_iter", "group_size", "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -321,16 +337,29 @@ def build_stand_in(path, image_size=64, norm_stats=None, seed=0):
     return path
 
 
-def load_policy(name, lora=False, dtype=None):
+def is_openvla(name):
+    """The real path: a local copy of OpenVLA (its config's model_type) or a hub id that names it."""
+    config = Path(name) / "config.json"
+    if config.exists():
+        return json.loads(config.read_text()).get("model_type") == "openvla"
+    return "openvla" in name.lower()
+
+
+def load_policy(name, lora=False, dtype=None, gradient_checkpointing=False):
     """Both paths load the same way: the Auto classes (OpenVLA's remote code, or the registered stand-in).
 
     Default dtype: bf16 on a GPU (OpenVLA's recipe), float32 on CPU. transformers 5 renamed `torch_dtype` to
-    `dtype`; OpenVLA's pinned 4.40.1 only knows the old name."""
+    `dtype`; OpenVLA's pinned 4.40.1 only knows the old name. OpenVLA gets FlashAttention-2 where flash-attn
+    is installed, else PyTorch's fused SDPA; gradient checkpointing recomputes each decoder layer in the
+    backward pass instead of storing its activations (docs/vla_finetune.md, "Memory and time")."""
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kwargs = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+    if is_openvla(name):
+        has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+        kwargs["attn_implementation"] = "flash_attention_2" if has_flash else "sdpa"
     try:
         processor = transformers.AutoProcessor.from_pretrained(name, trust_remote_code=True)
-        model = AutoVLA.from_pretrained(name, trust_remote_code=True, **{dtype_kwarg: dtype})
+        model = AutoVLA.from_pretrained(name, trust_remote_code=True, **kwargs)
     except (OSError, ValueError) as error:
         sys.exit(f"error: cannot load a policy from {name!r} ({str(error).splitlines()[0]}); build the "
                  f"stand-in base with `python vla_finetune.py --method bc`, or pass a hub id such as "
@@ -342,6 +371,9 @@ def load_policy(name, lora=False, dtype=None):
         model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules="all-linear", init_lora_weights="gaussian"))
         keep_trainable_in_fp32(model)
+    if gradient_checkpointing:  # the decoder layers of the language model (OpenVLA's and the stand-in's)
+        _unwrap(model).language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
@@ -665,17 +697,24 @@ def forward_kl_on_states(model, processor, kl_states, instruction, batch=64):
 # --------------------------------------------------------------------------------------------------
 
 
-def sft_step(model, processor, optimizer, scheduler, instruction, images, tokens):
+def sft_step(model, processor, optimizer, scheduler, instruction, images, tokens, micro_batch=None):
+    """One cross-entropy update on a batch of frames, in micro-batches of `micro_batch` frames whose gradients
+    add up to the whole batch's (each chunk's mean loss weighted by its share of the frames)."""
     model.train()
-    ids, pixels = encode(processor, model, instruction, images)
-    logits = action_logits(model, ids, pixels, tokens)
-    loss = kl.sft_loss(logits, (tokens - ACTION_TOKEN_BEGIN).to(logits.device))
     optimizer.zero_grad()
-    loss.backward()
+    micro_batch = micro_batch or len(tokens)
+    total = 0.0
+    for i in range(0, len(tokens), micro_batch):
+        chunk = tokens[i:i + micro_batch]
+        ids, pixels = encode(processor, model, instruction, images[i:i + micro_batch])
+        logits = action_logits(model, ids, pixels, chunk)
+        loss = kl.sft_loss(logits, (chunk - ACTION_TOKEN_BEGIN).to(logits.device)) * (len(chunk) / len(tokens))
+        loss.backward()
+        total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # max grad norm 1 (App. B.2)
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return total
 
 
 def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advantages, base_model=None,
@@ -879,7 +918,8 @@ def evaluate_point(model, processor, setup, args):
     """New- and prior-task success (every episode's outcome kept, for the bootstrap) and the forward KL."""
     outcomes = evaluate_success(model, processor, setup["envs"], setup["stats"], evaluation_starts(args),
                                 args.horizon)
-    per_dim = forward_kl_on_states(model, processor, setup["kl_states"], task_info(args.env)["instruction"])
+    per_dim = forward_kl_on_states(model, processor, setup["kl_states"], task_info(args.env)["instruction"],
+                                   args.micro_batch)
     prior = {e: float(np.mean(outcomes[e])) for e in args.prior_envs}
     return dict(new_task=args.env, new_success=float(np.mean(outcomes[args.env])), prior_success=prior,
                 prior_mean=float(np.mean(list(prior.values()))), outcomes=outcomes,
@@ -955,7 +995,7 @@ def finetune(args, arm, lr, seed, setup, out):
         print(f"{run}: already complete in {results}")
         return
     torch.manual_seed(seed)  # LoRA's initialisation
-    model, _ = load_policy(args.model, args.lora)
+    model, _ = load_policy(args.model, args.lora, gradient_checkpointing=args.gradient_checkpointing)
     optimizer, scheduler = make_optimizer(model, lr, args.warmup_steps)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     state = dict(step=0, episodes_seen=0, wall=0.0)
@@ -985,7 +1025,8 @@ def finetune(args, arm, lr, seed, setup, out):
         if kind == "sft":
             epoch, batch = divmod(step, per_epoch)
             pick = orders[epoch][batch * args.batch_size:(batch + 1) * args.batch_size]
-            sft_step(model, setup["processor"], optimizer, scheduler, instruction, list(images[pick]), tokens[pick])
+            sft_step(model, setup["processor"], optimizer, scheduler, instruction, list(images[pick]), tokens[pick],
+                     args.micro_batch)
         else:
             reward = rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng)
             state["episodes_seen"] += args.states_per_iter * args.group_size
@@ -1019,7 +1060,7 @@ def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
     if advantages.abs().sum() > 0:
         kl_coef = args.kl_coef if arm == "grpo-kl" else 0.0
         rl_step(model, setup["processor"], optimizer, scheduler, instruction, episodes, advantages,
-                setup["model"], kl_coef)
+                setup["model"], kl_coef, args.micro_batch)
     return float(rewards.mean())
 
 
