@@ -529,3 +529,23 @@ def test_gradient_checkpointing_and_micro_batches_give_the_whole_batchs_gradient
         assert other_loss == pytest.approx(loss, rel=1e-5)
         for name in grads:
             torch.testing.assert_close(other[name], grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_kv_cached_batched_generation_equals_one_at_a_time(stand_in):
+    model, processor = vla.load_policy(stand_in)
+    images = list(np.random.default_rng(3).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8))
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    greedy = vla.generate_action_tokens(model, ids, pixels, greedy=True)
+    single = torch.cat([vla.sample_action_tokens(model, ids[i:i + 1], pixels[i:i + 1], greedy=True) for i in range(5)])
+    assert torch.equal(greedy, single)
+    # sampling: row i with its own generator draws what the uncached sampler draws for it alone, same seed
+    sampled = vla.generate_action_tokens(model, ids, pixels, [torch.Generator().manual_seed(i) for i in range(5)])
+    alone = torch.cat([vla.sample_action_tokens(model, ids[i:i + 1], pixels[i:i + 1], torch.Generator().manual_seed(i))
+                       for i in range(5)])
+    assert torch.equal(sampled, alone) and sampled.min() >= 31744 and sampled.max() <= 31999
+    # the cached pass's distributions are the teacher-forced ones (the policy the updates and the KL see)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+        step = model(input_ids=sampled[:, :1], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    forced = vla.action_logits(model, ids, pixels, sampled)
+    torch.testing.assert_close(step[:, 31744:32000], forced[:, 1], atol=1e-5, rtol=1e-5)

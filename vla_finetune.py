@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import transformers
 from PIL import Image
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from tqdm import tqdm
 
 import kl
@@ -254,21 +254,30 @@ class TinyVLAForActionPrediction(transformers.PreTrainedModel):
     def get_output_embeddings(self):  # lets peft's "all-linear" skip the (tied) output layer
         return self.language_model.get_output_embeddings()
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, logits_to_keep=0, action_ids_only=False,
-                **kwargs):
-        patches = self.vision(with_coordinates(pixel_values)).flatten(2).transpose(1, 2) + self.patch_position
-        patches = self.projector(patches)
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, logits_to_keep=0, action_ids_only=False,
+                past_key_values=None, use_cache=False, **kwargs):
+        """OpenVLA's two cases: image + text (with use_cache, the keys and values are returned), or, given
+        past_key_values, only the new token(s) after them."""
         text = self.get_input_embeddings()(input_ids)
-        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
-        if attention_mask is not None:
-            ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
-            attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
-        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        if past_key_values is None:
+            patches = self.vision(with_coordinates(pixel_values)).flatten(2).transpose(1, 2) + self.patch_position
+            patches = self.projector(patches)
+            embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+            if attention_mask is not None:
+                ones = attention_mask.new_ones(attention_mask.shape[0], patches.shape[1])
+                attention_mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        else:
+            embeds = text
+        cache = dict(past_key_values=past_key_values, use_cache=True) if use_cache else {}
+        output = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, **cache)
+        hidden = output.last_hidden_state
         if logits_to_keep:  # only the last positions' logits: the action tokens are all a step needs
             hidden = hidden[:, -logits_to_keep:]
         if action_ids_only:  # only the 256 action ids' logits: 1/125 of the output layer's work
-            return CausalLMOutput(logits=hidden @ self.language_model.lm_head.weight[ACTION_TOKEN_BEGIN:].T)
-        return CausalLMOutput(logits=self.language_model.lm_head(hidden))
+            logits = hidden @ self.language_model.lm_head.weight[ACTION_TOKEN_BEGIN:].T
+        else:
+            logits = self.language_model.lm_head(hidden)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=output.past_key_values if use_cache else None)
 
     @torch.no_grad()
     def predict_action(self, input_ids, unnorm_key=None, pixel_values=None, attention_mask=None, **kwargs):
@@ -448,6 +457,31 @@ def sample_action_tokens(model, input_ids, pixel_values, generator=None, greedy=
             choice = torch.multinomial(torch.softmax(logits.float(), -1).cpu(), 1, generator=generator)[:, 0]
         ids = torch.cat([ids, (choice.to(ids.device) + ACTION_TOKEN_BEGIN)[:, None]], dim=1)
     return ids[:, -ACTION_DIM:].cpu()
+
+
+@torch.no_grad()
+def generate_action_tokens(model, input_ids, pixel_values, generators=None, greedy=False):
+    """The 7 action ids of a batch of observations with a KV cache: one pass over image and prompt, then one
+    pass per token over that token alone (OpenVLA's cached-generation branch), never recomputing the vision
+    towers. Row i draws from generators[i] (one per episode), so a batch draws exactly what its rows would
+    draw one at a time. Same distribution as sample_action_tokens: temperature 1 over the 256 action ids."""
+    with autocast(model):
+        out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, **_last(model, 1))
+    chosen = []
+    for position in range(ACTION_DIM):
+        logits = _action_ids(out.logits[:, -1]).float()
+        if greedy:
+            choice = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits, -1).cpu()
+            choice = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+        next_ids = (choice.to(input_ids.device) + ACTION_TOKEN_BEGIN)[:, None]
+        chosen.append(next_ids.cpu())
+        if position < ACTION_DIM - 1:
+            with autocast(model):
+                out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True,
+                            **_last(model, 1))
+    return torch.cat(chosen, dim=1)
 
 
 def step_logprobs(model, input_ids, pixel_values, action_tokens):
