@@ -549,3 +549,94 @@ def test_kv_cached_batched_generation_equals_one_at_a_time(stand_in):
         step = model(input_ids=sampled[:, :1], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
     forced = vla.action_logits(model, ids, pixels, sampled)
     torch.testing.assert_close(step[:, 31744:32000], forced[:, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_actions_convert_to_the_widowx_controllers_units_and_back():
+    """bridge_orig (metres, roll/pitch/yaw about static x, y, z, gripper 1 = open) -> the twin's controller
+    (metres, the same rotation as euler_angles_to_matrix(., "XYZ"), gripper +1 open / -1 closed) -> back."""
+    from mani_skill.utils.geometry.rotation_conversions import euler_angles_to_matrix
+    from transforms3d.euler import euler2mat
+    rng = np.random.default_rng(4)
+    bridge = np.c_[rng.normal(0, 0.01, (500, 3)), rng.uniform(-0.4, 0.4, (500, 3)), rng.integers(0, 2, (500, 1))]
+    for action in bridge:
+        env_action = vla.bridge_to_widowx_action(action)
+        assert env_action.dtype == np.float32 and np.array_equal(env_action[:3], action[:3].astype(np.float32))
+        controller = euler_angles_to_matrix(torch.tensor(env_action[3:6], dtype=torch.float64), "XYZ").numpy()
+        np.testing.assert_allclose(controller, euler2mat(*action[3:6], axes="sxyz"), atol=1e-6)
+        assert env_action[6] == (1.0 if action[6] == 1 else -1.0)
+        np.testing.assert_allclose(vla.widowx_to_bridge_action(env_action), action, atol=1e-6)
+    # a large yaw with roll: the two conventions differ, so passing the angles through unchanged would be wrong
+    action = np.array([0, 0, 0, 0.3, 0.0, 0.5, 1.0])
+    assert not np.allclose(vla.bridge_to_widowx_action(action)[3:6], action[3:6], atol=1e-3)
+    assert vla.bridge_to_widowx_action(np.r_[np.zeros(6), 0.6])[6] == 1.0  # SimplerEnv's rule: open if > 0.5
+    assert vla.bridge_to_widowx_action(np.r_[np.zeros(6), 0.4])[6] == -1.0
+
+
+def test_openvla_defaults_to_the_bridge_scenes_and_their_statistics():
+    args = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b"])
+    assert (args.env, args.prior_envs, args.horizon, args.unnorm_key, args.num_envs) == (
+        "GraspCarrotInScene", ["PutSpoonOnTableClothInScene-v1", "StackGreenCubeOnYellowCubeBakedTexInScene-v1",
+                               "PutEggplantInBasketScene-v1"], 60, "bridge_orig", 16)
+    stand_in = vla.parse_args(["--method", "grpo"])
+    assert (stand_in.env, stand_in.prior_envs, stand_in.horizon, stand_in.num_envs) == (
+        "PickCube-v1", ["PushCube-v1", "PullCube-v1"], 20, 1)
+    starts = vla.training_starts(8, "GraspCarrotInScene")
+    assert [layout for _, layout in starts] == list(range(24))
+    assert [layout for _, layout in vla.evaluation_starts(args)][:26] == list(range(24)) + [0, 1]
+    assert {s for s, _ in starts}.isdisjoint({s for s, _ in vla.evaluation_starts(args)})
+
+
+def test_a_bridge_scene_without_its_assets_says_what_to_download(monkeypatch):
+    from mani_skill.utils import assets
+    monkeypatch.setattr(assets, "is_data_source_downloaded", lambda uid: False)
+    for task in ("GraspCarrotInScene", "PutEggplantInBasketScene-v1"):
+        with pytest.raises(SystemExit) as exit_info:
+            vla.make_env(task, image_size=224, horizon=60)
+        message = str(exit_info.value)
+        assert message.count("\n") == 0 and "bridge_v2_real2sim" in message and "widowx250s" in message
+        assert "python -m mani_skill.utils.download_asset bridge_v2_real2sim" in message
+    with pytest.raises(SystemExit, match="unknown ManiSkill env"):
+        vla.make_env("NoSuchScene-v1", image_size=224, horizon=60)
+
+
+class FakeVectorEnv:
+    """ManiSkill's vectorised-env interface, no simulator: each env shows a 48 x 64 image that changes with its
+    seed, the step and the actions taken, and succeeds once its summed x action passes a seed-set bar."""
+    def __init__(self, num_envs, horizon=6):
+        self.num_envs, self.unwrapped = num_envs, self
+        self.settings = dict(env_id="GraspCarrotInScene", image_size=32, horizon=horizon)
+
+    def reset(self, seed, options):
+        seeds = seed if isinstance(seed, list) else [seed]
+        layouts = torch.atleast_1d(torch.as_tensor(options["episode_id"]))
+        self.bar = torch.tensor([0.02 * (s % 4) + 0.001 * int(l) for s, l in zip(seeds, layouts)])
+        self.progress, self.step_count, self.seeds = torch.zeros(self.num_envs), 0, seeds
+        return self.obs()
+
+    def obs(self):
+        base = torch.tensor(self.seeds).view(-1, 1, 1, 1) * 7 + self.step_count * 13
+        image = (base + (self.progress * 1000).view(-1, 1, 1, 1) + torch.arange(64).view(1, 1, 64, 1)) % 256
+        return {"sensor_data": {"3rd_view_camera": {"rgb": image.expand(-1, 48, 64, 3).to(torch.uint8)}}}, {}
+
+    def step(self, action):
+        action = torch.atleast_2d(torch.as_tensor(action, dtype=torch.float32))
+        self.progress += action[:, 0].abs()
+        self.step_count += 1
+        done = self.progress > self.bar
+        return self.obs()[0], None, None, None, {"consecutive_grasp": done}
+
+
+def test_batched_rollouts_equal_one_episode_at_a_time(stand_in):
+    model, processor = vla.load_policy(stand_in)
+    stats = {"action": dict(q01=[-0.03] * 6 + [0], q99=[0.03] * 6 + [1], min=[-0.05] * 6 + [0],
+                            max=[0.05] * 6 + [1], mask=[True] * 6 + [False])}
+    starts = [(10 + i, i % 5) for i in range(7)]
+    batched = vla.policy_rollouts(model, processor, FakeVectorEnv(3), "GraspCarrotInScene", starts, stats, greedy=True)
+    single = vla.policy_rollouts(model, processor, FakeVectorEnv(1), "GraspCarrotInScene", starts, stats, greedy=True)
+    assert len(batched) == len(single) == 7
+    assert [s for _, s in batched] == [s for _, s in single] and 0 < sum(s for _, s in single) < 7
+    for (records_b, _), (records_s, _) in zip(batched, single):
+        assert len(records_b) == len(records_s)  # each episode ends at its own success
+        for (image_b, tokens_b), (image_s, tokens_s) in zip(records_b, records_s):
+            assert image_b.shape == (32, 32, 3) and np.array_equal(image_b, image_s)
+            assert torch.equal(tokens_b, tokens_s)

@@ -60,8 +60,13 @@ METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", 
 
 # What the two paths default to where an argument is not given. OpenVLA-7B's fit one 80 GB GPU with room to
 # spare (the arithmetic: docs/vla_finetune.md, "Memory and time").
-STAND_IN_DEFAULTS = dict(lora=False, micro_batch=64, gradient_checkpointing=False, image_size=64)
-REAL_DEFAULTS = dict(lora=True, micro_batch=8, gradient_checkpointing=True, image_size=224)
+BRIDGE_NEW_TASK = "GraspCarrotInScene"
+BRIDGE_PRIOR_TASKS = ["PutSpoonOnTableClothInScene-v1", "StackGreenCubeOnYellowCubeBakedTexInScene-v1",
+                      "PutEggplantInBasketScene-v1"]
+STAND_IN_DEFAULTS = dict(lora=False, micro_batch=64, gradient_checkpointing=False, image_size=64, env=NEW_TASK,
+                         prior_envs=PRIOR_TASKS, horizon=20, num_envs=1, unnorm_key=None)
+REAL_DEFAULTS = dict(lora=True, micro_batch=8, gradient_checkpointing=True, image_size=224, env=BRIDGE_NEW_TASK,
+                     prior_envs=BRIDGE_PRIOR_TASKS, horizon=60, num_envs=16, unnorm_key="bridge_orig")
 
 
 def parse_args(argv=None):
@@ -72,19 +77,26 @@ def parse_args(argv=None):
                         "plots/vla_*.png from the results file")
     p.add_argument("--model", default=None, help="policy to start from (default: OUT_DIR/base, built by bc) or a "
                                                  "hub id such as openvla/openvla-7b")
-    p.add_argument("--env", default=NEW_TASK, help="new task (ManiSkill3 env id)")
-    p.add_argument("--prior-envs", nargs="+", default=PRIOR_TASKS, help="prior tasks: forgetting = their success")
+    p.add_argument("--env", default=None, help=f"new task (a ManiSkill3 env id or a BRIDGE_TASKS name; default: "
+                                               f"{NEW_TASK}, OpenVLA {BRIDGE_NEW_TASK})")
+    p.add_argument("--prior-envs", nargs="+", default=None, help="prior tasks: forgetting = their success")
     p.add_argument("--out-dir", default="runs/vla", help="cache, checkpoints, results.jsonl")
     p.add_argument("--plots-dir", default="plots")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (one run each)")
     p.add_argument("--lr", type=float, nargs="+", default=None,
                    help="learning rates of a single arm (one run each; default: the arm's, ARMS); not with study")
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA r=32 on all linear layers (OpenVLA's recipe; default: on for OpenVLA, off for the stand-in)")
-    p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the model's only key)")
+                   help="LoRA r=32 on all linear layers (OpenVLA's recipe; default: on for OpenVLA, off for the "
+                        "stand-in)")
+    p.add_argument("--unnorm-key", default=None,
+                   help="action statistics key (default: the stand-in's only key, OpenVLA bridge_orig)")
     # simulator
     p.add_argument("--image-size", type=int, default=None, help="camera resolution (default: 64, OpenVLA 224)")
-    p.add_argument("--horizon", type=int, default=20, help="steps per episode (the demonstrators need <= 17)")
+    p.add_argument("--horizon", type=int, default=None,
+                   help="steps per episode (default: 20, the demonstrators need <= 17; OpenVLA 60, the Bridge "
+                        "scenes' own limit, 120 for the eggplant)")
+    p.add_argument("--num-envs", type=int, default=None,
+                   help="episodes simulated at once (ManiSkill's GPU simulation when > 1; default: 1, OpenVLA 16)")
     # the base policy pi0
     p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
     p.add_argument("--new-demos-in-base", type=int, default=150, help="new-task demos mixed into pi0's data")
@@ -121,8 +133,9 @@ def parse_args(argv=None):
     for name, value in (REAL_DEFAULTS if is_openvla(args.model) else STAND_IN_DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("micro_batch", "horizon", "prior_demos", "bc_steps", "grid", "samples_per_position", "sft_epochs", "batch_size",
-                 "iterations", "states_per_iter", "group_size", "eval_episodes", "kl_episodes", "image_size"):
+    for name in ("micro_batch", "num_envs", "horizon", "prior_demos", "bc_steps", "grid", "samples_per_position",
+                 "sft_epochs", "batch_size", "iterations", "states_per_iter", "group_size", "eval_episodes",
+                 "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_points < 2:
@@ -583,8 +596,60 @@ TASKS = {
 
 
 def task_info(env_id):
-    """Registered tasks have an expert; any other ManiSkill env works for RL and evaluation."""
-    return TASKS.get(env_id, dict(instruction=env_id.split("-")[0].lower(), expert=None))
+    """Registered tasks have an expert (or are Bridge scenes); any other ManiSkill env works for RL and
+    evaluation."""
+    return TASKS.get(env_id) or BRIDGE_TASKS.get(env_id) or dict(instruction=env_id.split("-")[0].lower(),
+                                                                  expert=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4b. OpenVLA's own domain: ManiSkill3's digital twins of BridgeData V2 (the WidowX 250 S robot)
+# --------------------------------------------------------------------------------------------------
+
+# OpenVLA-7B was trained on BridgeData V2 among others; its `bridge_orig` statistics un-normalise to Bridge's
+# units. ManiSkill3 ships SimplerEnv's Bridge scenes (mani_skill/envs/tasks/digital_twins/bridge_dataset_eval/
+# put_on_in_scene.py): the real Bridge camera (640 x 480), a green-screened photo of the real table, the WidowX
+# and its controller. Their assets are downloads (BRIDGE_ASSETS). The instructions are the envs' own
+# (get_language_instruction). The new task is a grasp in the carrot scene, the paper's kind of new task
+# (grasp and lift, App. B.2), scored by the env's own `consecutive_grasp` (held for 5 control steps); the
+# prior tasks are the other scenes' put-on tasks with their own success. Each scene has fixed layouts of its
+# two objects (reset option episode_id): 24, or 64 for the eggplant.
+BRIDGE_ASSETS = ["bridge_v2_real2sim", "widowx250s"]   # the scenes' meshes and photo; the robot
+BRIDGE_CONTROL = "arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos"
+BRIDGE_TASKS = {
+    "GraspCarrotInScene": dict(scene="PutCarrotOnPlateInScene-v1", instruction="pick up the carrot",
+                               success_key="consecutive_grasp", layouts=24),
+    "PutCarrotOnPlateInScene-v1": dict(instruction="put carrot on plate", layouts=24),
+    "PutSpoonOnTableClothInScene-v1": dict(instruction="put the spoon on the towel", layouts=24),
+    "StackGreenCubeOnYellowCubeBakedTexInScene-v1": dict(instruction="stack the green block on the yellow block",
+                                                        layouts=24),
+    "PutEggplantInBasketScene-v1": dict(instruction="put eggplant into yellow basket", layouts=64),
+}
+for _task in BRIDGE_TASKS.values():
+    _task.update(expert=None, robot="widowx")
+
+
+def bridge_to_widowx_action(action):
+    """OpenVLA's un-normalised `bridge_orig` action -> the WidowX twin's controller action.
+
+    Bridge: xyz deltas in metres, roll/pitch/yaw deltas in radians read as static-axis Euler angles, R =
+    Rz(yaw) Ry(pitch) Rx(roll) (SimplerEnv feeds OpenVLA's output to its controller through transforms3d's
+    euler2axangle(roll, pitch, yaw), axes "sxyz"), gripper 1 = open, 0 = closed.
+    The twin (digital_twins/bridge_dataset_eval/base_env.py, WidowX250SBridgeDatasetFlatTable): its arm
+    controller has normalize_action=False, so xyz are metres as they are; it turns a[3:6] into the delta
+    rotation euler_angles_to_matrix(a[3:6], "XYZ") = Rx Ry Rz (agents/controllers/pd_ee_pose.py,
+    PDEEPoseController.compute_target_pose), so the same rotation is re-expressed in that convention. Its
+    gripper target is normalised, -1 closed, +1 open: SimplerEnv's widowx_bridge rule, open if > 0.5."""
+    from transforms3d.euler import euler2mat, mat2euler
+    rotation = mat2euler(euler2mat(*action[3:6], axes="sxyz"), axes="rxyz")
+    return np.r_[action[:3], rotation, 1.0 if action[6] > 0.5 else -1.0].astype(np.float32)
+
+
+def widowx_to_bridge_action(env_action):
+    """The inverse: a WidowX twin action in Bridge's units (a demonstration recorded in the twin)."""
+    from transforms3d.euler import euler2mat, mat2euler
+    rotation = mat2euler(euler2mat(*env_action[3:6], axes="rxyz"), axes="sxyz")
+    return np.r_[env_action[:3], rotation, 1.0 if env_action[6] > 0 else 0.0]
 
 
 # One fixed third-person camera for every task (eye, target, field of view), as OpenVLA sees its datasets'
@@ -595,28 +660,40 @@ CAMERA = ((0.3, 0.0, 0.22), (-0.05, 0.0, 0.02), 0.9)
 
 
 @functools.cache  # one simulator per task, resolution, horizon and camera: starting the renderer takes seconds
-def make_env(env_id, image_size, horizon, camera=CAMERA):
+def make_env(env_id, image_size, horizon, camera=CAMERA, num_envs=1):
+    """A ManiSkill3 env for a task. The stand-in's tasks: `pd_ee_delta_pose` and the fixed CAMERA. A Bridge
+    scene: its own camera and controller. num_envs > 1: a vectorised env (ManiSkill's GPU simulation)."""
     import gymnasium as gym
     import mani_skill.envs  # noqa: F401  (registers the environments)
     from mani_skill.utils import assets, download_asset, sapien_utils
     from mani_skill.utils.registration import REGISTERED_ENVS
 
-    def refuse(message):  # never prompt: missing assets are an error with a fix
+    task = task_info(env_id)
+    scene = task.get("scene", env_id)
+
+    def refuse(message, missing=(scene,)):  # never prompt: missing assets are an error with a fix
         sys.exit(f"error: {message.splitlines()[-1]} Download them first: "
-                 f"python -m mani_skill.utils.download_asset {env_id}")
+                 + " && ".join(f"python -m mani_skill.utils.download_asset {a}" for a in missing))
     download_asset.prompt_yes_no = refuse
-    if env_id not in REGISTERED_ENVS:
-        sys.exit(f"error: unknown ManiSkill env {env_id!r}; bundled ones include {', '.join(TASKS)}")
-    missing = [a for a in REGISTERED_ENVS[env_id].asset_download_ids
+    if scene not in REGISTERED_ENVS:
+        sys.exit(f"error: unknown ManiSkill env {scene!r}; bundled ones include {', '.join(TASKS)}; OpenVLA's "
+                 f"Bridge scenes: {', '.join(BRIDGE_TASKS)}")
+    needed = list(REGISTERED_ENVS[scene].asset_download_ids) + (BRIDGE_ASSETS if task.get("robot") else [])
+    missing = [a for a in dict.fromkeys(needed)
                if a in assets.DATA_SOURCES and not assets.is_data_source_downloaded(a)]
     if missing:
-        refuse(f"{env_id} needs assets {missing} that are not on this machine.")
-    eye, target, fov = camera
+        refuse(f"{env_id} needs ManiSkill assets {missing} that are not on this machine.", missing)
+    if task.get("robot") == "widowx":
+        kwargs = dict(obs_mode="rgb+segmentation", control_mode=BRIDGE_CONTROL)
+    else:
+        eye, target, fov = camera
+        kwargs = dict(obs_mode="rgb", control_mode="pd_ee_delta_pose", sensor_configs=dict(
+            width=image_size, height=image_size,
+            base_camera=dict(pose=sapien_utils.look_at(list(eye), list(target)), fov=fov)))
+    if num_envs > 1:
+        kwargs["num_envs"] = num_envs
     try:
-        env = gym.make(env_id, obs_mode="rgb", control_mode="pd_ee_delta_pose", render_mode=None,
-                       sensor_configs=dict(width=image_size, height=image_size, base_camera=dict(
-                           pose=sapien_utils.look_at(list(eye), list(target)), fov=fov)),
-                       max_episode_steps=horizon)
+        env = gym.make(scene, render_mode=None, max_episode_steps=horizon, **kwargs)
     except RuntimeError as error:
         if "vulkan" in str(error).lower() or "render" in str(error).lower():
             sys.exit("error: ManiSkill's renderer found no Vulkan device; install a driver (docs/vla_finetune.md)")
@@ -625,8 +702,17 @@ def make_env(env_id, image_size, horizon, camera=CAMERA):
     return env
 
 
-def camera_image(obs):
-    return obs["sensor_data"]["base_camera"]["rgb"][0].cpu().numpy()
+def camera_images(obs, image_size):
+    """Every env's camera image [n, S, S, 3] uint8: the stand-in's base_camera as rendered; a Bridge scene's
+    3rd_view_camera (640 x 480, the real Bridge camera) resized to S x S with Lanczos, as SimplerEnv resizes
+    its images for OpenVLA."""
+    sensors = obs["sensor_data"]
+    images = (sensors["base_camera"] if "base_camera" in sensors else sensors["3rd_view_camera"])["rgb"]
+    images = images.cpu().numpy()
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    return np.stack([np.array(Image.fromarray(im).resize((image_size, image_size), Image.LANCZOS))
+                     for im in images])
 
 
 def to_env_action(action):
@@ -647,15 +733,27 @@ def training_grid(n):
             for j, y in enumerate(cells)]
 
 
+def training_starts(n, env_id):
+    """The new task's training starts: the n x n grid (training_grid), or every layout of a Bridge scene."""
+    layouts = task_info(env_id).get("layouts")
+    if layouts:
+        return [(SEEDS["train"] + i, i) for i in range(layouts)]
+    return training_grid(n)
+
+
 def run_episode(env, env_id, start, horizon, act):
     """One episode from `start` = (env seed, cube xy or None); act(image) -> (env action, record). Stops at
     success. The scene is rebuilt at every reset (reconfigure): a plain reset left ManiSkill's CPU physics
     with state from earlier episodes, and the same policy on the same seed could succeed once and fail next."""
     from mani_skill.utils.structs import Pose
-    success_fn = task_info(env_id).get("success") or (lambda e, info: bool(info["success"][0]))
+    task = task_info(env_id)
+    success_fn = task.get("success") or (lambda e, info: bool(info[task.get("success_key", "success")][0]))
     seed, xy = start
-    obs, _ = env.reset(seed=seed, options=dict(reconfigure=True))
-    if xy is not None:  # a grid position: move the cube there, keep its height and yaw
+    options = dict(reconfigure=True)
+    if isinstance(xy, int):  # a Bridge scene's layout of its objects
+        options["episode_id"] = xy
+    obs, _ = env.reset(seed=seed, options=options)
+    if isinstance(xy, (tuple, list)):  # a grid position: move the cube there, keep its height and yaw
         cube = env.unwrapped.cube
         position = cube.pose.p.clone()
         position[0, :2] = torch.tensor(xy)
@@ -663,7 +761,7 @@ def run_episode(env, env_id, start, horizon, act):
         obs = env.unwrapped.get_obs()
     records, success = [], False
     for _ in range(horizon):
-        image = camera_image(obs)
+        image = camera_images(obs, env.settings["image_size"])[0]
         action, record = act(image)
         records.append((image, record))
         obs, _, _, _, info = env.step(action)
@@ -671,6 +769,36 @@ def run_episode(env, env_id, start, horizon, act):
             success = True
             break
     return records, success
+
+
+def run_episodes(env, env_id, starts, horizon, act):
+    """Up to env.num_envs episodes at once in a vectorised env (a GPU's): act(images [n, S, S, 3]) -> (env
+    actions [n, 7], records [n]). As in run_episode, the scene is rebuilt at the reset and each episode ends
+    at its own success; the env steps all episodes together until every one has ended or the horizon, and an
+    ended episode records nothing more. Unused envs of a short last chunk repeat its last start."""
+    task = task_info(env_id)
+    if task.get("success"):
+        sys.exit(f"error: {env_id}'s success is scored for one env only; run it with one env")
+    n = env.unwrapped.num_envs
+    padded = list(starts) + [starts[-1]] * (n - len(starts))
+    options = dict(reconfigure=True)
+    if isinstance(padded[0][1], int):  # Bridge layouts
+        options["episode_id"] = torch.tensor([layout for _, layout in padded])
+    obs, _ = env.reset(seed=[seed for seed, _ in padded], options=options)
+    records, success = [[] for _ in starts], [False] * len(starts)
+    for _ in range(horizon):
+        images = camera_images(obs, env.settings["image_size"])
+        actions, step_records = act(images)
+        running = [i for i in range(len(starts)) if not success[i]]
+        for i in running:
+            records[i].append((images[i], step_records[i]))
+        obs, _, _, _, info = env.step(torch.as_tensor(np.asarray(actions)))
+        done = info[task.get("success_key", "success")]
+        for i in running:
+            success[i] = bool(done[i])
+        if all(success):
+            break
+    return list(zip(records, success))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -690,24 +818,64 @@ def expert_policy(env, env_id, expert=None):
     return act
 
 
-def model_policy(model, processor, instruction, stats, greedy, generator=None):
-    """Greedy (evaluation) or sampled (RL) actions; records the 7 action tokens."""
+def model_policy(model, processor, instruction, stats, greedy, generator=None, to_env=to_env_action):
+    """Greedy (evaluation) or sampled (RL) actions of one env; records the 7 action tokens."""
+    act_batch = batch_policy(model, processor, instruction, stats, greedy, generator, to_env)
+
     def act(image):
-        ids, pixels = encode(processor, model, instruction, [image])
-        tokens = sample_action_tokens(model, ids, pixels, generator, greedy)
-        action = unnormalize_actions(tokens_to_actions(tokens[0].numpy()), stats)
-        return to_env_action(action), tokens[0]
+        actions, tokens = act_batch([image])
+        return actions[0], tokens[0]
     return act
 
 
-def evaluate_success(model, processor, envs, stats, starts, horizon):
-    """Greedy success of every episode on fixed evaluation starts, per task: {env_id: [0/1, ...]}."""
+def batch_policy(model, processor, instruction, stats, greedy, generator=None, to_env=to_env_action):
+    """The same for a batch of images (one per env): their action tokens drawn together (draw_action_tokens),
+    un-normalised with the policy's statistics and converted to the env's units (to_env)."""
+    def act(images):
+        ids, pixels = encode(processor, model, instruction, list(images))
+        tokens = draw_action_tokens(model, ids, pixels, generator, greedy)
+        actions = [to_env(unnormalize_actions(tokens_to_actions(row.numpy()), stats)) for row in tokens]
+        return np.stack(actions), tokens
+    return act
+
+
+def draw_action_tokens(model, input_ids, pixel_values, generator=None, greedy=False):
+    """OpenVLA: KV-cached batched generation, each row from its own generator seeded in turn from `generator`
+    (a resumed run continues the same streams). The stand-in: the uncached sampler with one generator for the
+    batch, the draws its study was run with. The two are tested equal row by row."""
+    if model.config.model_type == "tiny_vla":
+        return sample_action_tokens(model, input_ids, pixel_values, generator, greedy)
+    generators = None
+    if not greedy:
+        seeds = torch.randint(2 ** 62, (len(input_ids),), generator=generator)
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    return generate_action_tokens(model, input_ids, pixel_values, generators, greedy)
+
+
+def policy_rollouts(model, processor, env, env_id, starts, stats, greedy, generator=None, desc=None):
+    """A model's episodes from `starts`, [(records, success)]: one after another in a single env, in order
+    (the stand-in's CPU path), or env.num_envs at a time in a vectorised env (OpenVLA on a GPU)."""
+    task = task_info(env_id)
+    to_env = bridge_to_widowx_action if task.get("robot") == "widowx" else to_env_action
+    horizon = env.settings["horizon"]
     model.eval()
+    n = env.unwrapped.num_envs
+    if n == 1:
+        act = model_policy(model, processor, task["instruction"], stats, greedy, generator, to_env)
+        return [run_episode(env, env_id, start, horizon, act) for start in tqdm(starts, desc=desc, leave=False)]
+    act = batch_policy(model, processor, task["instruction"], stats, greedy, generator, to_env)
+    return [episode for first in tqdm(range(0, len(starts), n), desc=desc, leave=False)
+            for episode in run_episodes(env, env_id, starts[first:first + n], horizon, act)]
+
+
+def evaluate_success(model, processor, envs, stats, episodes_per_task):
+    """Greedy success of every episode on fixed evaluation starts, per task: {env_id: [0/1, ...]}."""
     outcomes = {}
     for env_id, env in envs.items():
-        act = model_policy(model, processor, task_info(env_id)["instruction"], stats, greedy=True)
-        outcomes[env_id] = [int(run_episode(env, env_id, start, horizon, act)[1])
-                            for start in tqdm(starts, desc=f"eval {env_id}", leave=False)]
+        starts = held_out_starts(episodes_per_task, env_id, SEEDS["eval"])
+        episodes = policy_rollouts(model, processor, env, env_id, starts, stats, greedy=True,
+                                   desc=f"eval {env_id}")
+        outcomes[env_id] = [int(success) for _, success in episodes]
     return outcomes
 
 
@@ -845,11 +1013,10 @@ def successful_rollouts(model, processor, env, env_id, starts, stats, seed, fold
     optimal distribution of Fig. 3 and Lemma A.1) and on the RL policy's (Fig. 9). Cached."""
     def build():
         generator = torch.Generator().manual_seed(seed)
-        act = model_policy(model, processor, task_info(env_id)["instruction"], stats, False, generator)
-        model.eval()
+        episodes = policy_rollouts(model, processor, env, env_id, starts, stats, False, generator,
+                                   desc=f"samples {env_id}")
         kept = []
-        for start in tqdm(starts, desc=f"samples {env_id}", leave=False):
-            records, success = run_episode(env, env_id, start, env.settings["horizon"], act)
+        for start, (records, success) in zip(starts, episodes):
             if success:
                 kept.append(dict(start=start, images=np.stack([r[0] for r in records]),
                                  tokens=torch.stack([r[1] for r in records])))
@@ -872,7 +1039,8 @@ def episodes_to_batch(episodes, stats):
 
 def behaviour_clone(args, out):
     """pi0: a fresh stand-in trained with kl.sft_loss on prior-task demos plus some new-task demos."""
-    envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+    envs = {e: make_env(e, args.image_size, args.horizon, num_envs=args.num_envs)
+            for e in [args.env] + args.prior_envs}
     starts = {e: [(SEEDS["prior_demos"] + i, None) for i in range(args.prior_demos)] for e in args.prior_envs}
     starts[args.env] = [(SEEDS["base_new_demos"] + i, None) for i in range(args.new_demos_in_base)]
     data = {e: collect_demos(envs[e], e, s, out / "cache") for e, s in starts.items()}
@@ -900,17 +1068,14 @@ def kl_states_for(model, processor, env, env_id, stats, kl_episodes, folder, pol
     def build():
         generator = torch.Generator().manual_seed(0)
         instruction = task_info(env_id)["instruction"]
-        act = model_policy(model, processor, instruction, stats, False, generator)
-        model.eval()
-        images = []
-        for i in range(kl_episodes):
-            records, _ = run_episode(env, env_id, (SEEDS["kl"] + i, None), env.settings["horizon"], act)
-            images += [r[0] for r in records]
+        starts = held_out_starts(kl_episodes, env_id, SEEDS["kl"])
+        episodes = policy_rollouts(model, processor, env, env_id, starts, stats, False, generator)
+        images = [image for records, _ in episodes for image, _ in records]
         tokens, logits = [], []
         with torch.no_grad():
             for i in range(0, len(images), 64):
                 ids, pixels = encode(processor, model, instruction, images[i:i + 64])
-                sampled = sample_action_tokens(model, ids, pixels, generator)
+                sampled = draw_action_tokens(model, ids, pixels, generator)
                 tokens.append(sampled)
                 logits.append(action_logits(model, ids, pixels, sampled).cpu())
         return dict(images=np.stack(images), tokens=torch.cat(tokens), base_logits=torch.cat(logits))
@@ -944,14 +1109,19 @@ def append_result(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def evaluation_starts(args):
-    return [(SEEDS["eval"] + i, None) for i in range(args.eval_episodes)]
+def evaluation_starts(args, env_id=None):
+    return held_out_starts(args.eval_episodes, env_id or args.env, SEEDS["eval"])
+
+
+def held_out_starts(count, env_id, first_seed):
+    """ManiSkill's own random positions (env seeds from first_seed on); a Bridge scene's fixed layouts in turn."""
+    layouts = task_info(env_id).get("layouts")
+    return [(first_seed + i, i % layouts if layouts else None) for i in range(count)]
 
 
 def evaluate_point(model, processor, setup, args):
     """New- and prior-task success (every episode's outcome kept, for the bootstrap) and the forward KL."""
-    outcomes = evaluate_success(model, processor, setup["envs"], setup["stats"], evaluation_starts(args),
-                                args.horizon)
+    outcomes = evaluate_success(model, processor, setup["envs"], setup["stats"], args.eval_episodes)
     per_dim = forward_kl_on_states(model, processor, setup["kl_states"], task_info(args.env)["instruction"],
                                    args.micro_batch)
     prior = {e: float(np.mean(outcomes[e])) for e in args.prior_envs}
@@ -969,7 +1139,8 @@ def load_setup(args, out):
     key = args.unnorm_key or next(iter(norm_stats))
     if key not in norm_stats:
         sys.exit(f"error: --unnorm-key {key!r} is not in the model's norm_stats ({', '.join(norm_stats)})")
-    envs = {e: make_env(e, args.image_size, args.horizon) for e in [args.env] + args.prior_envs}
+    envs = {e: make_env(e, args.image_size, args.horizon, num_envs=args.num_envs)
+            for e in [args.env] + args.prior_envs}
     setup = dict(model=model, processor=processor, stats=norm_stats[key], envs=envs,
                  policy_key=model_fingerprint(args.model))
     setup["kl_states"] = kl_states_for(model, processor, envs[args.env], args.env, setup["stats"],
@@ -986,7 +1157,7 @@ def load_setup(args, out):
 def sft_dataset(args, arm, seed, setup, out):
     """The episodes SFT imitates on the training grid: the other demonstrator's, pi0's own successful samples,
     or the finished GRPO run's (same seed and lr) successful samples."""
-    env, grid = setup["envs"][args.env], training_grid(args.grid)
+    env, grid = setup["envs"][args.env], training_starts(args.grid, args.env)
     if arm == "sft-demonstrator":
         return collect_demos(env, args.env, grid, out / "cache", expert=motion_planning_demonstrator)
     starts = grid * args.samples_per_position
@@ -1073,18 +1244,14 @@ def finetune(args, arm, lr, seed, setup, out):
 def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
     """Sample a group of episodes from each of --states-per-iter training positions, score them 1/0, and take
     one policy-gradient step. Returns the mean reward."""
-    grid = training_grid(args.grid)
+    grid = training_starts(args.grid, args.env)
     picked = rng.choice(len(grid), size=args.states_per_iter, replace=False)
     instruction = task_info(args.env)["instruction"]
-    act = model_policy(model, setup["processor"], instruction, setup["stats"], greedy=False, generator=generator)
-    model.eval()
-    episodes, rewards = [], []
-    for index in picked:  # a group shares its start
-        for _ in range(args.group_size):
-            records, success = run_episode(setup["envs"][args.env], args.env, grid[index], args.horizon, act)
-            episodes.append(records)
-            rewards.append(float(success))
-    rewards = torch.tensor(rewards).view(args.states_per_iter, args.group_size)
+    starts = [grid[index] for index in picked for _ in range(args.group_size)]  # a group shares its start
+    rollouts = policy_rollouts(model, setup["processor"], setup["envs"][args.env], args.env, starts,
+                               setup["stats"], greedy=False, generator=generator)
+    episodes = [records for records, _ in rollouts]
+    rewards = torch.tensor([float(success) for _, success in rollouts]).view(args.states_per_iter, args.group_size)
     if arm == "reinforce":  # 1-0 REINFORCE: advantage = reward (§5.1, Fig. 4)
         advantages = kl.reinforce_advantages(rewards).flatten()
     else:  # GRPO: reward normalised within its group (the paper's reward-normalisation baseline, App. B.2)
