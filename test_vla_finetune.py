@@ -640,3 +640,69 @@ def test_batched_rollouts_equal_one_episode_at_a_time(stand_in):
         for (image_b, tokens_b), (image_s, tokens_s) in zip(records_b, records_s):
             assert image_b.shape == (32, 32, 3) and np.array_equal(image_b, image_s)
             assert torch.equal(tokens_b, tokens_s)
+
+
+BRIDGE_STATS = {"action": dict(q01=[-0.03] * 3 + [-0.1] * 3 + [0.0], q99=[0.03] * 3 + [0.1] * 3 + [1.0],
+                               min=[-0.05] * 3 + [-0.2] * 3 + [0.0], max=[0.05] * 3 + [0.2] * 3 + [1.0],
+                               mask=[True] * 6 + [False])}
+
+
+def write_episode(path, steps, success, instruction="pick up the carrot", scale=0.01, size=40):
+    rng = np.random.default_rng(steps)
+    actions = np.c_[rng.normal(0, scale, (steps, 6)), rng.integers(0, 2, (steps, 1))]
+    images = rng.integers(0, 256, (steps, size, size, 3), dtype=np.uint8)
+    np.savez(path, images=images, actions=actions, instruction=instruction, success=success)
+    return images, actions
+
+
+def test_external_demonstrations_load_successful_episodes_resized_and_tokenised(tmp_path, capsys):
+    _, first = write_episode(tmp_path / "ep0.npz", 5, True)
+    write_episode(tmp_path / "ep1.npz", 4, False)
+    _, last = write_episode(tmp_path / "ep2.npz", 3, True)
+    episodes = vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    assert [e["start"] for e in episodes] == ["ep0.npz", "ep2.npz"]
+    assert episodes[0]["images"].shape == (5, 32, 32, 3) and episodes[0]["images"].dtype == np.uint8
+    np.testing.assert_array_equal(episodes[1]["actions"], last)
+    images, tokens = vla.episodes_to_batch(episodes, BRIDGE_STATS)
+    assert images.shape == (8, 32, 32, 3) and tokens.shape == (8, 7)
+    decoded = vla.unnormalize_actions(vla.tokens_to_actions(tokens.numpy()), BRIDGE_STATS)
+    inside = np.all(np.abs(first[:, :3]) <= 0.03, axis=1)
+    np.testing.assert_allclose(decoded[:5][inside, :3], first[inside, :3], atol=0.03 / 255 + 1e-9)  # half a bin
+    assert "warning" not in capsys.readouterr().out
+    write_episode(tmp_path / "ep3.npz", 6, True, scale=0.5)  # Panda-sized deltas against Bridge's metres
+    vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    assert "fall outside the statistics" in capsys.readouterr().out
+
+
+def test_bad_demonstrations_and_statistics_end_with_one_line(tmp_path):
+    import json
+    with pytest.raises(SystemExit, match="no .npz episodes"):
+        vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    write_episode(tmp_path / "ep0.npz", 3, True, instruction="put carrot on plate")
+    with pytest.raises(SystemExit, match="not the new task's"):
+        vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    np.savez(tmp_path / "ep0.npz", images=np.zeros((2, 8, 8, 3), np.uint8), success=True)
+    with pytest.raises(SystemExit, match=r"lacks \['actions', 'instruction'\]"):
+        vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    write_episode(tmp_path / "ep0.npz", 3, False)
+    with pytest.raises(SystemExit, match="none of the 1 episodes"):
+        vla.load_demonstrations(tmp_path, "pick up the carrot", 32, BRIDGE_STATS)
+    stats_file = tmp_path / "dataset_statistics.json"
+    stats_file.write_text(json.dumps({"my_robot": {"action": {k: BRIDGE_STATS["action"][k]
+                                                              for k in ("q01", "q99", "mask")}}}))
+    stats = vla.load_norm_stats(stats_file)
+    assert stats["my_robot"]["action"]["min"] == BRIDGE_STATS["action"]["q01"]
+    np.testing.assert_allclose(vla.normalize_actions(np.zeros((1, 7)), stats["my_robot"])[0, :6], 0, atol=1e-6)
+    stats_file.write_text(json.dumps({"my_robot": {"action": {"q01": [0] * 6, "q99": [1] * 7, "mask": [True] * 7}}}))
+    with pytest.raises(SystemExit, match="7 values each"):
+        vla.load_norm_stats(stats_file)
+
+
+def test_the_bridge_scenes_need_external_demonstrations_for_sft(stand_in, tmp_path, monkeypatch):
+    args = vla.parse_args(["--method", "sft-demonstrator", "--env", "GraspCarrotInScene", "--model", stand_in])
+    setup = dict(envs={"GraspCarrotInScene": None}, stats=BRIDGE_STATS)
+    with pytest.raises(SystemExit, match="pass another policy's episodes with --demos"):
+        vla.sft_dataset(args, "sft-demonstrator", 0, setup, tmp_path)
+    write_episode(tmp_path / "ep0.npz", 3, True)
+    args.demos = str(tmp_path)
+    assert len(vla.sft_dataset(args, "sft-demonstrator", 0, setup, tmp_path)) == 1

@@ -88,6 +88,12 @@ def parse_args(argv=None):
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA r=32 on all linear layers (OpenVLA's recipe; default: on for OpenVLA, off for the "
                         "stand-in)")
+    p.add_argument("--demos", default=None,
+                   help="sft-demonstrator: a folder of another policy's episodes (.npz, format: load_demonstrations) "
+                        "instead of the scripted demonstrator; needed for the Bridge scenes")
+    p.add_argument("--norm-stats", default=None,
+                   help="action statistics to add to the model's (OpenVLA's dataset_statistics.json format); pick "
+                        "one with --unnorm-key")
     p.add_argument("--unnorm-key", default=None,
                    help="action statistics key (default: the stand-in's only key, OpenVLA bridge_orig)")
     # simulator
@@ -1027,6 +1033,70 @@ def successful_rollouts(model, processor, env, env_id, starts, stats, seed, fold
     return cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
 
 
+def load_demonstrations(folder, instruction, image_size, stats):
+    """Another policy's episodes for SFT (the paper's SFT data: success-filtered trajectories of another
+    policy, App. B.2), one .npz file per episode:
+
+        images       uint8 [T, H, W, 3]  the main camera (resized to --image-size here, Lanczos)
+        actions      float [T, 7]        in the units of the statistics (bridge_orig: metres, radians, gripper
+                                         1 = open / 0 = closed), the action taken at each image
+        instruction  str                 must be the new task's
+        success      bool                only successful episodes are kept
+
+    Returns the successful episodes in file-name order, in collect_demos' format."""
+    files = sorted(Path(folder).glob("*.npz"))
+    if not files:
+        sys.exit(f"error: no .npz episodes in {folder}; the format is in load_demonstrations / docs/vla_finetune.md")
+    episodes = []
+    for path in files:
+        with np.load(path) as data:
+            missing = {"images", "actions", "instruction", "success"} - set(data.files)
+            if missing:
+                sys.exit(f"error: {path} lacks {sorted(missing)}; an episode holds images, actions, instruction, "
+                         f"success (docs/vla_finetune.md)")
+            images, actions = data["images"], data["actions"].astype(np.float64)
+            if images.ndim != 4 or images.shape[-1] != 3 or actions.shape != (len(images), ACTION_DIM):
+                sys.exit(f"error: {path}: images must be [T, H, W, 3] and actions [T, 7], got {images.shape} and "
+                         f"{actions.shape}")
+            if str(data["instruction"]).lower() != instruction.lower():
+                sys.exit(f"error: {path} demonstrates {str(data['instruction'])!r}, not the new task's {instruction!r}")
+            if bool(data["success"]):
+                resized = [np.array(Image.fromarray(im).resize((image_size, image_size), Image.LANCZOS))
+                           if im.shape[:2] != (image_size, image_size) else im for im in images.astype(np.uint8)]
+                episodes.append(dict(start=path.name, images=np.stack(resized), actions=actions))
+    if not episodes:
+        sys.exit(f"error: none of the {len(files)} episodes in {folder} succeeded; SFT imitates successful ones")
+    warn_if_saturated(np.concatenate([e["actions"] for e in episodes]), stats, folder)
+    return episodes
+
+
+def warn_if_saturated(actions, stats, source):
+    """Normalisation clips to [q01, q99], so about 2 % of a dataset's values sit at +-1. Many more mean the
+    actions are in other units than the statistics (Panda's normalised deltas against Bridge's metres)."""
+    mask = np.asarray(stats["action"]["mask"], bool)
+    at_bound = np.abs(normalize_actions(actions, stats)[:, mask]) >= 1.0
+    if at_bound.mean() > 0.05:
+        print(f"warning: {at_bound.mean():.0%} of the action values in {source} fall outside the statistics' "
+              f"[q01, q99] (2 % expected); are they in the units of --unnorm-key's dataset? (--norm-stats)")
+
+
+def load_norm_stats(path):
+    """Action statistics in OpenVLA's dataset_statistics.json format, {key: {"action": {"q01": [7], "q99": [7],
+    "mask": [7], ...}}} (what action_stats computes for a dataset); checked, then merged with the model's."""
+    try:
+        stats = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot read statistics from {path} ({error})")
+    for key, entry in stats.items():
+        action = entry.get("action", {}) if isinstance(entry, dict) else {}
+        if not all(len(action.get(field, [])) == ACTION_DIM for field in ("q01", "q99", "mask")):
+            sys.exit(f"error: {path}: {key!r} needs action q01, q99 and mask with 7 values each "
+                     f"(OpenVLA's dataset_statistics.json format)")
+        action.setdefault("min", action["q01"])
+        action.setdefault("max", action["q99"])
+    return stats
+
+
 def episodes_to_batch(episodes, stats):
     """Flatten episodes into (images [N, S, S, 3], action tokens [N, 7]); demonstrations' actions are
     normalised with pi0's statistics and tokenised, sampled episodes carry their own tokens."""
@@ -1135,14 +1205,19 @@ def load_setup(args, out):
     """pi0, its action statistics, the simulators and the KL observations; pi0 is evaluated once per folder
     (the step-0 point that every run shares)."""
     model, processor = load_policy(args.model, args.lora)
-    norm_stats = _unwrap(model).norm_stats
+    norm_stats = dict(_unwrap(model).norm_stats)
+    if args.norm_stats:
+        norm_stats.update(load_norm_stats(args.norm_stats))
     key = args.unnorm_key or next(iter(norm_stats))
     if key not in norm_stats:
-        sys.exit(f"error: --unnorm-key {key!r} is not in the model's norm_stats ({', '.join(norm_stats)})")
+        sys.exit(f"error: --unnorm-key {key!r} is not in the model's norm_stats ({', '.join(norm_stats)}); "
+                 f"add statistics with --norm-stats")
+    policy_key = model_fingerprint(args.model)
+    if args.norm_stats or is_openvla(args.model):  # the statistics shape the actions (the stand-in has one set)
+        policy_key += [key, norm_stats[key]]
     envs = {e: make_env(e, args.image_size, args.horizon, num_envs=args.num_envs)
             for e in [args.env] + args.prior_envs}
-    setup = dict(model=model, processor=processor, stats=norm_stats[key], envs=envs,
-                 policy_key=model_fingerprint(args.model))
+    setup = dict(model=model, processor=processor, stats=norm_stats[key], envs=envs, policy_key=policy_key)
     setup["kl_states"] = kl_states_for(model, processor, envs[args.env], args.env, setup["stats"],
                                        args.kl_episodes, out / "cache", setup["policy_key"])
     results = out / "results.jsonl"
@@ -1158,7 +1233,12 @@ def sft_dataset(args, arm, seed, setup, out):
     """The episodes SFT imitates on the training grid: the other demonstrator's, pi0's own successful samples,
     or the finished GRPO run's (same seed and lr) successful samples."""
     env, grid = setup["envs"][args.env], training_starts(args.grid, args.env)
+    if arm == "sft-demonstrator" and args.demos:
+        return load_demonstrations(args.demos, task_info(args.env)["instruction"], args.image_size, setup["stats"])
     if arm == "sft-demonstrator":
+        if args.env != NEW_TASK:
+            sys.exit(f"error: the scripted demonstrator acts in {NEW_TASK} only; for {args.env} pass another "
+                     f"policy's episodes with --demos FOLDER (format: docs/vla_finetune.md)")
         return collect_demos(env, args.env, grid, out / "cache", expert=motion_planning_demonstrator)
     starts = grid * args.samples_per_position
     if arm == "sft-pi0":
