@@ -6,16 +6,20 @@ binary success reward, and measure forgetting as success on earlier manipulation
 that loop on two model paths, loaded by the same `load_policy` (transformers' Auto classes):
 
   --model openvla/openvla-7b   the real model: a GPU, the HuggingFace hub and OpenVLA's own pins in a
-                               separate environment (pip install -r requirements-openvla.txt); bf16,
-                               optional --lora (r=32, all linear layers), --unnorm-key, --image-size 224.
+                               separate environment (pip install -r requirements-openvla.txt). Its defaults
+                               (REAL_DEFAULTS) fit one 80 GB GPU: bf16 weights, fp32 LoRA adapters (r=32,
+                               all linear layers) under bf16 autocast, micro-batches of 8, gradient
+                               checkpointing, adapter-only checkpoints; it acts in ManiSkill3's Bridge
+                               digital twins (BRIDGE_TASKS, the WidowX robot of its training data) with
+                               bridge_orig statistics, 16 episodes at a time, KV-cached generation.
   --model PATH                 a tiny stand-in VLA this script builds (`--method bc` creates one under
                                OUT_DIR/base): a 2-layer Llama backbone, a small conv image encoder whose patch
                                embeddings follow <s> and precede the prompt, OpenVLA's 32000-token id layout
                                (the last 256 ids are the action bins), OpenVLA's prompt and `predict_action`.
 
-The simulator is ManiSkill3 (CPU physics, RGB camera, `pd_ee_delta_pose`: 7-D actions in [-1, 1], the
-same format as OpenVLA's end-effector deltas); its renderer needs a Vulkan device (docs/vla_finetune.md).
-The CPU analogue (new task PickCube, prior tasks PushCube and PullCube), every arm of the comparison:
+The simulator is ManiSkill3 (for the stand-in: CPU physics, RGB camera, the Panda's `pd_ee_delta_pose`,
+7-D actions in [-1, 1]); its renderer needs a Vulkan device (docs/vla_finetune.md). The CPU analogue (new
+task PickCube, prior tasks PushCube and PullCube), every arm of the comparison:
 
   python vla_finetune.py --method bc                        # pi0: behaviour-clone a stand-in on scripted demos
   python vla_finetune.py --method grpo --seeds 0            # one arm, one run per seed (and per --lr)
@@ -1204,7 +1208,7 @@ def evaluate_point(model, processor, setup, args):
 def load_setup(args, out):
     """pi0, its action statistics, the simulators and the KL observations; pi0 is evaluated once per folder
     (the step-0 point that every run shares)."""
-    model, processor = load_policy(args.model, args.lora)
+    model, processor = load_policy(args.model)  # pi0 is never trained: no adapter
     norm_stats = dict(_unwrap(model).norm_stats)
     if args.norm_stats:
         norm_stats.update(load_norm_stats(args.norm_stats))
