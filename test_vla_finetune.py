@@ -584,6 +584,8 @@ def test_openvla_defaults_to_the_bridge_scenes_and_their_statistics():
     assert [layout for _, layout in starts] == list(range(24))
     assert [layout for _, layout in vla.evaluation_starts(args)][:26] == list(range(24)) + [0, 1]
     assert {s for s, _ in starts}.isdisjoint({s for s, _ in vla.evaluation_starts(args)})
+    with pytest.raises(SystemExit):  # 25 positions without replacement from 24 layouts
+        vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b", "--states-per-iter", "25"])
 
 
 def test_a_bridge_scene_without_its_assets_says_what_to_download(monkeypatch):

@@ -154,8 +154,9 @@ def parse_args(argv=None):
         p.error("--lr must be positive, and is for a single arm (study uses each arm's default, ARMS)")
     if args.kl_coef < 0:
         p.error("--kl-coef must be >= 0")
-    if args.states_per_iter > args.grid ** 2:
-        p.error("--states-per-iter must be <= --grid squared (positions are drawn without replacement)")
+    if args.states_per_iter > len(training_starts(args.grid, args.env)):
+        p.error("--states-per-iter must be <= --grid squared, or a Bridge scene's layouts (positions are drawn "
+                "without replacement)")
     return args
 
 
@@ -1650,7 +1651,8 @@ def main(argv=None):
         return
     setup = load_setup(args, out)
     if args.method == "study":
-        if not any(r["run"] == "demonstrators" for r in read_results(out / "results.jsonl")):
+        demonstrators_done = any(r["run"] == "demonstrators" for r in read_results(out / "results.jsonl"))
+        if args.env == NEW_TASK and not demonstrators_done:  # the two scripted pick demonstrators' task
             append_result(out / "results.jsonl", compare_demonstrators(args, setup["envs"][args.env], out, setup))
         for arms in STUDY_ORDER:
             for seed in args.seeds:
