@@ -62,8 +62,8 @@ METHODS = ["bc", "grpo", "reinforce", "grpo-kl", "sft-demonstrator", "sft-pi0", 
            "plot"]
 
 
-# What the two paths default to where an argument is not given. OpenVLA-7B's fit one 80 GB GPU with room to
-# spare (the arithmetic: docs/vla_finetune.md, "Memory and time").
+# What the two paths default to where an argument is not given. OpenVLA-7B's are estimated to need ~50 GB of
+# one 80 GB GPU (the arithmetic, not yet a measurement: docs/vla_finetune.md, "Memory and time").
 BRIDGE_NEW_TASK = "GraspCarrotInScene"
 BRIDGE_PRIOR_TASKS = ["PutSpoonOnTableClothInScene-v1", "StackGreenCubeOnYellowCubeBakedTexInScene-v1",
                       "PutEggplantInBasketScene-v1"]
