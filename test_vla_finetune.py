@@ -708,3 +708,18 @@ def test_the_bridge_scenes_need_external_demonstrations_for_sft(stand_in, tmp_pa
     write_episode(tmp_path / "ep0.npz", 3, True)
     args.demos = str(tmp_path)
     assert len(vla.sft_dataset(args, "sft-demonstrator", 0, setup, tmp_path)) == 1
+
+
+def test_a_missing_package_says_what_to_install(stand_in, monkeypatch):
+    import sys
+    def needs_timm(*args, **kwargs):  # what transformers raises for OpenVLA's remote code without timm
+        raise ImportError("This modeling file requires the following packages that were not found in your "
+                          "environment: timm. Run `pip install timm`")
+    monkeypatch.setattr(vla.AutoVLA, "from_pretrained", needs_timm)
+    with pytest.raises(SystemExit) as exit_info:
+        vla.load_policy(stand_in)
+    assert "timm" in str(exit_info.value) and "requirements-openvla.txt" in str(exit_info.value)
+    assert "\n" not in str(exit_info.value)
+    monkeypatch.setitem(sys.modules, "mani_skill.envs", None)
+    with pytest.raises(SystemExit, match="install the simulator: pip install -r requirements-vla.txt"):
+        vla.make_env("PickCube-v1", image_size=16, horizon=3, num_envs=7)  # not built before: not cached

@@ -397,6 +397,9 @@ def load_policy(name, lora=False, dtype=None, gradient_checkpointing=False):
         sys.exit(f"error: cannot load a policy from {name!r} ({str(error).splitlines()[0]}); build the "
                  f"stand-in base with `python vla_finetune.py --method bc`, or pass a hub id such as "
                  f"openvla/openvla-7b (online, pip install -r requirements-openvla.txt)")
+    except (ImportError, NotImplementedError) as error:  # OpenVLA's remote code checks its packages and pins
+        sys.exit(f"error: {str(error).splitlines()[0]} OpenVLA's code needs its own environment: "
+                 f"pip install -r requirements-openvla.txt (docs/vla_finetune.md)")
     if torch.cuda.is_available():
         model = model.to("cuda")
     if lora:  # OpenVLA's fine-tuning recipe: rank 32, alpha 16, every linear layer
@@ -674,8 +677,12 @@ CAMERA = ((0.3, 0.0, 0.22), (-0.05, 0.0, 0.02), 0.9)
 def make_env(env_id, image_size, horizon, camera=CAMERA, num_envs=1):
     """A ManiSkill3 env for a task. The stand-in's tasks: `pd_ee_delta_pose` and the fixed CAMERA. A Bridge
     scene: its own camera and controller. num_envs > 1: a vectorised env (ManiSkill's GPU simulation)."""
-    import gymnasium as gym
-    import mani_skill.envs  # noqa: F401  (registers the environments)
+    try:
+        import gymnasium as gym
+        import mani_skill.envs  # noqa: F401  (registers the environments)
+    except ImportError as error:
+        sys.exit(f"error: {error}; install the simulator: pip install -r requirements-vla.txt (the stand-in) or "
+                 f"requirements-openvla.txt (OpenVLA)")
     from mani_skill.utils import assets, download_asset, sapien_utils
     from mani_skill.utils.registration import REGISTERED_ENVS
 
@@ -1347,6 +1354,8 @@ def rl_iteration(args, arm, model, setup, optimizer, scheduler, generator, rng):
         kl_coef = args.kl_coef if arm == "grpo-kl" else 0.0
         rl_step(model, setup["processor"], optimizer, scheduler, instruction, episodes, advantages,
                 setup["model"], kl_coef, args.micro_batch)
+    else:  # said, not silent: a policy that never succeeds (or always does) is never updated
+        tqdm.write(f"every group tied (mean reward {float(rewards.mean()):.2f}): no update this iteration")
     return float(rewards.mean())
 
 
