@@ -723,3 +723,16 @@ def test_a_missing_package_says_what_to_install(stand_in, monkeypatch):
     monkeypatch.setitem(sys.modules, "mani_skill.envs", None)
     with pytest.raises(SystemExit, match="install the simulator: pip install -r requirements-vla.txt"):
         vla.make_env("PickCube-v1", image_size=16, horizon=3, num_envs=7)  # not built before: not cached
+
+
+def test_kv_cached_generation_runs_through_a_bf16_lora_wrapper(stand_in):
+    """The real path's combination: a peft wrapper, fp32 adapters, bf16 weights, autocast, the cache."""
+    model, processor = vla.load_policy(stand_in, lora=True, dtype=torch.bfloat16)
+    images = list(np.random.default_rng(5).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8))
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    model.eval()
+    tokens = vla.generate_action_tokens(model, ids, pixels, [torch.Generator().manual_seed(i) for i in range(3)])
+    assert tokens.shape == (3, 7) and tokens.min() >= 31744 and tokens.max() <= 31999
+    greedy = vla.generate_action_tokens(model, ids, pixels, greedy=True)
+    forced = vla.action_logits(model, ids, pixels, greedy)  # teacher-forced, uncached, same autocast
+    assert (forced.argmax(-1) + 31744 == greedy).float().mean() >= 6 / 7  # bf16 rounding may flip a near-tie
