@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import weakref
 from datetime import timedelta
 from pathlib import Path
@@ -163,8 +164,8 @@ def test_rl_step_gradient_is_the_full_batch_gradient_of_each_methods_objective(t
     --kl-direction). Each sample is scored against its own prompt's answer, G = --group-size samples per prompt,
     and the micro-batches accumulate to the full batch."""
     tokenizer, base, path = twin
-    group, max_new = 3, 4
-    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--micro-batch-tokens", "40",
+    group, max_new = 3, 10
+    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--micro-batch-tokens", "50",
                     "--scale-rewards", scale)
     policy = perturbed(base, 0.05, seed=1)
     drawn = spy_on_sample(monkeypatch)
@@ -181,7 +182,8 @@ def test_rl_step_gradient_is_the_full_batch_gradient_of_each_methods_objective(t
         for j in range(group):
             prompts.append(L.chat_prompt(tokenizer, ex["prompt"]))
             rewards[e, j] = answer_dependent_reward(L.decode(tokenizer, responses[e * group + j]), ex["answer"])
-    assert len(L.micro_batches(prompts, responses, 40)) > 1
+    assert len(L.micro_batches(prompts, responses, 50)) > 1
+    assert min(map(len, responses)) < max_new == max(map(len, responses))  # --max-new-tokens; lengths differ
     assert (rewards.std(1) > 0).any() and 0 < rewards.mean() < 1  # the advantages are not all zero
     assert info["reward"] == pytest.approx(rewards.mean().item())
     if method == "reinforce":
@@ -213,7 +215,8 @@ def test_the_second_update_of_a_round_uses_the_ratio_to_the_sampler_clipped_at_c
     1 - eps, 1 + eps) A) over every sampled token, r = pi / pi_sampler, eps = --clip-eps (not the default 0.2)."""
     tokenizer, base, path = twin
     group, max_new, eps = 4, 4, 0.02
-    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--clip-eps", str(eps))
+    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--clip-eps", str(eps),
+                    "--micro-batch-tokens", "40")
     sampler = perturbed(base, 0.05, seed=2)
     drawn = spy_on_sample(monkeypatch)
     grads, models = gradients_at_each_step(monkeypatch, then_step=True)
@@ -224,6 +227,7 @@ def test_the_second_update_of_a_round_uses_the_ratio_to_the_sampler_clipped_at_c
     assert len(grads) == 2
     responses = drawn[0][0]
     prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples for _ in range(group)]
+    assert len(L.micro_batches(prompts, responses, 40)) > 1
     rewards = torch.tensor([answer_dependent_reward(L.decode(tokenizer, r), examples[i // group]["answer"])
                             for i, r in enumerate(responses)]).view(len(examples), group)
     advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
@@ -296,7 +300,8 @@ def run_with_spies(twin, tmp_path, monkeypatch, config, *flags):
     calls = []
 
     def step(exp, run, examples):
-        calls.append({"run": run, "examples": list(examples), "lr": run.optimizer.param_groups[0]["lr"]})
+        calls.append({"run": run, "examples": list(examples), "lr": run.optimizer.param_groups[0]["lr"],
+                      "seed": torch.initial_seed()})
         run.optimizer.step()
         run.scheduler.step()
         return {"reward": 0.0, "generated_tokens": 0, "update_tokens": 0}
@@ -310,14 +315,14 @@ def run_with_spies(twin, tmp_path, monkeypatch, config, *flags):
 
 def test_train_run_hands_each_update_its_flags_pi0_and_its_prompts(twin, tmp_path, monkeypatch):
     """grpo-kl: the learning rate (after --warmup-steps), mu, the KL coefficient, a frozen pi0 as the reference,
-    AdamW without weight decay (Table 2), a policy that starts at pi0, --prompts-per-step distinct prompts per
+    AdamW without weight decay (Table 2), --seed, a policy that starts at pi0, --prompts-per-step distinct prompts per
     step and every RL prompt once per epoch."""
     _, base, _ = twin
-    config = {"method": "grpo-kl", "lr": 2e-4, "scheduler": "constant", "seed": 0, "mu": 2, "kl_coef": 0.3, "epochs": 1}
+    config = {"method": "grpo-kl", "lr": 2e-4, "scheduler": "constant", "seed": 3, "mu": 2, "kl_coef": 0.3, "epochs": 1}
     calls = run_with_spies(twin, tmp_path, monkeypatch, config, "--prompts-per-step", "3", "--warmup-steps", "2")
     assert [c["lr"] for c in calls] == pytest.approx([0.0, 1e-4, 2e-4])  # 9 prompts / 3 per step = 3 steps
     run = calls[0]["run"]
-    assert (run.method, run.mu, run.kl_coef) == ("grpo-kl", 2, 0.3)
+    assert (run.method, run.mu, run.kl_coef, calls[0]["seed"]) == ("grpo-kl", 2, 0.3, 3)
     assert run.optimizer.param_groups[0]["weight_decay"] == 0.0
     assert run.reference is not run.model and not any(p.requires_grad for p in run.reference.parameters())
     for model in (run.reference, run.model):
@@ -360,9 +365,24 @@ def test_sweep_crosses_each_methods_own_grid_and_only_the_flags_that_apply():
         assert {c.get("kl_coef") for c in mine} == ({0.1, 0.5} if method == "grpo-kl" else {None})
         assert {c.get("batch_size") for c in mine} == ({None} if method in L.ON_POLICY else {16, 32})
     paper = L.parse_args(["--task", "math", "--method", "grpo", "sft"])
+    assert paper.prior_tasks == ["hellaswag", "truthfulqa_mc2", "mmlu", "ifeval", "winogrande", "humaneval_instruct"]
+    table_2 = (64, 8, [1], 0.2, 50, [16, 32, 64, 128], ["constant"], [1], [0.1], "reverse")
+    assert (paper.group_size, paper.prompts_per_step, paper.mu, paper.clip_eps, paper.warmup_steps, paper.batch_size,
+            paper.scheduler, paper.epochs, paper.kl_coef, paper.kl_direction) == table_2
     assert {c["lr"] for _, c in L.sweep(paper) if c["method"] == "grpo"} == {1e-5, 2e-5, 3e-5, 4e-5, 5e-5}
     assert {c["lr"] for _, c in L.sweep(paper) if c["method"] == "sft"} == {1e-5, 3e-5, 5e-5, 7e-5, 9e-5}
     assert [c["lr"] for _, c in L.sweep(L.parse_args(["--method", "sft", "grpo", "--lr", "7e-4"]))] == [7e-4, 7e-4]
+
+
+def test_each_paper_benchmark_is_scored_by_the_metric_the_docs_name():
+    """The prior-task score averages one metric per benchmark (§4.1 names the benchmarks, not the metrics): the
+    one docs/llm_finetune.md's table of choices names is the one read from lm-eval's results."""
+    line = next(line for line in (Path(__file__).parent / "docs" / "llm_finetune.md").read_text().splitlines()
+                if line.startswith("| prior-task score"))
+    named = {task: metric for task, metric in re.findall(r"(\w+)\*{0,2} `([\w@]+)`", line)
+             if task in L.PAPER_PRIOR_TASKS.split(",")}
+    assert set(named) == set(L.PAPER_PRIOR_TASKS.split(","))
+    assert {task: L.PRIMARY_METRIC[task].split(",")[0] for task in named} == named
 
 
 def test_self_sft_targets_come_from_pi0_with_self_samples_draws_on_the_first_sft_examples_prompts(twin, tmp_path):
@@ -385,7 +405,8 @@ def test_self_sft_targets_come_from_pi0_with_self_samples_draws_on_the_first_sft
 def test_kl_samples_are_pi0s_temperature_1_draws_on_the_kl_prompts_and_the_kl_is_forward(twin, tmp_path):
     """pi0's KL samples: --kl-samples draws per KL prompt at temperature 1, up to --eval-max-tokens, each paired
     with its own prompt; the cached log-probs are pi0's; the recorded KL is the forward KL(pi0 || pi) summed over
-    each response (k1 = log pi0(y) - log pi(y)), averaged over sequences, and not the reverse."""
+    each response (k1 = log pi0(y) - log pi(y), k3 = r - 1 - log r with r = pi(y) / pi0(y)), averaged over
+    sequences, and not the reverse."""
     tokenizer, base, path = twin
     args = args_for(path, "--kl-samples", "3", "--eval-max-tokens", "5")
     examples = [{"prompt": f"copy: {c * 3}"} for c in "abcd"]
@@ -397,10 +418,11 @@ def test_kl_samples_are_pi0s_temperature_1_draws_on_the_kl_prompts_and_the_kl_is
     assert list(zip(samples.prompts, samples.responses)) == pairs
     assert max(map(len, samples.responses)) == 5
     moved = perturbed(base, 0.05, seed=3)
-    forward, reverse, k1 = [], [], []
+    forward, reverse, k1, k3 = [], [], [], []
     for (prompt, response), base_logprobs in zip(pairs, samples.base_logprobs):
         if not response:
-            forward, reverse, k1 = forward + [0.0], reverse + [0.0], k1 + [0.0]
+            for values in (forward, reverse, k1, k3):
+                values.append(0.0)
             continue
         with torch.no_grad():
             base_logits, logits = direct_logits(base, prompt, response), direct_logits(moved, prompt, response)
@@ -408,19 +430,26 @@ def test_kl_samples_are_pi0s_temperature_1_draws_on_the_kl_prompts_and_the_kl_is
         p0, p1 = torch.distributions.Categorical(logits=base_logits), torch.distributions.Categorical(logits=logits)
         forward.append(torch.distributions.kl_divergence(p0, p1).sum().item())
         reverse.append(torch.distributions.kl_divergence(p1, p0).sum().item())
-        k1.append((p0.log_prob(torch.tensor(response)) - p1.log_prob(torch.tensor(response))).sum().item())
+        log_ratio = p1.log_prob(torch.tensor(response)) - p0.log_prob(torch.tensor(response))  # log pi / pi0
+        k1.append(-log_ratio.sum().item())
+        k3.append((log_ratio.exp() - 1 - log_ratio).sum().item())
     got = samples.kl_estimates(moved)
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
+
+    def mean(values):
+        return sum(values) / len(values)
+
     assert abs(mean(forward) - mean(reverse)) > 0.01 * mean(forward)  # the two directions differ here
     assert got["kl_seq"] == pytest.approx(mean(forward), rel=1e-4)
     assert got["k1_seq"] == pytest.approx(mean(k1), rel=1e-4, abs=1e-5)
+    assert got["k3_seq"] == pytest.approx(mean(k3), rel=1e-3, abs=1e-5)
     per_token = [f / len(r) for f, (_, r) in zip(forward, pairs) if r] + [0.0] * sum(not r for _, r in pairs)
     assert got["kl_token"] == pytest.approx(mean(per_token), rel=1e-4)
 
 
 def test_new_task_accuracy_scores_each_sample_against_its_own_prompts_answer(twin, monkeypatch):
     """--eval-samples temperature-1 samples per test prompt (on their own seed) and one greedy answer each,
-    up to --eval-max-tokens; each scored against its own prompt's answer."""
+    up to --eval-max-tokens; each scored against its own prompt's answer (the greedy answers are all scored
+    right here, so the two accuracies differ)."""
     tokenizer, base, path = twin
     args = args_for(path, "--eval-samples", "2", "--eval-max-tokens", "3")
     test = [{"prompt": f"copy: {c}", "answer": a} for c, a in zip("abcd", "1000")]
@@ -428,7 +457,7 @@ def test_new_task_accuracy_scores_each_sample_against_its_own_prompts_answer(twi
 
     def reward(response, answer):
         scored.append(answer)
-        return float(answer)
+        return float(answer) if len(scored) <= 8 else 1.0
 
     calls = []
     real_sample = L.sample
@@ -442,7 +471,18 @@ def test_new_task_accuracy_scores_each_sample_against_its_own_prompts_answer(twi
     prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in test]
     assert calls == [(prompts, 2, 3, False), (prompts, 1, 3, True)]
     assert scored == list("11000000") + list("1000")
-    assert point["new_task_acc"] == point["new_task_acc_greedy"] == 0.25
+    assert (point["new_task_acc"], point["new_task_acc_greedy"]) == (0.25, 1.0)
+
+
+def test_sample_returns_each_prompts_responses_together_in_prompt_order(twin):
+    """Every caller pairs response k with prompt k // num_samples: the responses are prompt-major."""
+    tokenizer, base, _ = twin
+    model = perturbed(base, 0.3, seed=1)  # distinct greedy answers for distinct prompts
+    prompts = [L.chat_prompt(tokenizer, text) for text in ("copy: abc", "sort: dcba", "reverse: xy")]
+    alone = [L.sample(model, tokenizer, [prompt], 1, 4, greedy=True)[0][0] for prompt in prompts]
+    assert len({tuple(r) for r in alone}) == 3
+    together, _ = L.sample(model, tokenizer, prompts, 2, 4, greedy=True)
+    assert together == [alone[0], alone[0], alone[1], alone[1], alone[2], alone[2]]
 
 
 def test_sample_draws_from_the_raw_policy_at_temperature_1(twin):
@@ -463,6 +503,9 @@ def test_sample_draws_from_the_raw_policy_at_temperature_1(twin):
     sharpened = torch.softmax(torch.log(probs) / 0.7, -1)
     assert 0.5 * (sharpened - probs).abs().sum() > 0.1  # temperature 0.7 would be visible
     assert 0.5 * (frequencies - probs).abs().sum() < 0.05
+    top = probs.argmax()
+    assert top in prompt  # so a repetition penalty would lower it
+    assert abs(frequencies[top] - probs[top]) < 4 * (probs[top] * (1 - probs[top]) / len(first)) ** 0.5
     assert (frequencies > 0).sum() > 20  # top-k 20 would cut the rest
 
 
@@ -482,7 +525,7 @@ def test_the_twins_prior_tasks_ask_for_copy_reverse_and_sort():
             assert L.PRIOR_LENGTHS[0] <= len(letters) <= L.PRIOR_LENGTHS[1]
 
 
-def test_optimizer_step_clips_the_gradient_norm_at_1(twin):
+def test_optimizer_step_clips_the_gradient_norm_at_1_steps_the_schedule_and_clears_the_gradient(twin):
     _, base, _ = twin
     model = copy.deepcopy(base)
     for p in model.parameters():
@@ -493,11 +536,14 @@ def test_optimizer_step_clips_the_gradient_norm_at_1(twin):
         def step(self, closure=None):
             seen.append(flat_grad(model).norm().item())
 
-    run = L.Run(model, Recorder(model.parameters(), lr=0.0), None, "sft")
-    run.scheduler = get_constant_schedule_with_warmup(run.optimizer, 0)
+    run = L.Run(model, Recorder(model.parameters(), lr=0.1), None, "sft")
+    run.scheduler = get_constant_schedule_with_warmup(run.optimizer, 2)
+    assert run.optimizer.param_groups[0]["lr"] == 0.0
     norm = L.optimizer_step(NoAccelerator, run)
     assert norm == pytest.approx(3.0 * sum(p.numel() for p in model.parameters()) ** 0.5, rel=1e-5)
     assert seen == [pytest.approx(1.0, rel=1e-3)]  # max grad norm 1 (Table 2)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # the schedule moved one step
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_the_law_is_fitted_on_forward_kl_per_sequence_against_the_prior_score(tmp_path, monkeypatch):
@@ -568,6 +614,7 @@ def test_a_run_that_does_not_move_scores_exactly_the_base_on_the_right_prompts(t
             assert row[key] == base[key], key
         assert row["kl_seq"] == row["k1_seq"] == row["k3_seq"] == row["kl_token"] == 0.0
     train, test, kl_prompts, _ = L.load_new_task(L.parse_args(argv))
+    assert (len(test), len(kl_prompts)) == (4, 3)
     assert tests_seen == [[ex["prompt"] for ex in test]] * 3
     (cache,) = tmp_path.glob("kl_cache-*.pt")
     kl_chat = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in kl_prompts]
