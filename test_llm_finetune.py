@@ -2,8 +2,10 @@
 import copy
 import gc
 import json
+import math
 import os
 import random
+import re
 import weakref
 from datetime import timedelta
 from pathlib import Path
@@ -69,6 +71,554 @@ def make_run(model, lr, method, **settings):
 
 def experiment(tokenizer, args, reward_fn=None):
     return L.Experiment(NoAccelerator, tokenizer, args, reward_fn)
+
+
+# ---------------------------------------------------------------------------- the wiring the paper's claims rest on
+# Each fact below is one a one-line slip in llm_finetune.py would break while every loss in kl.py stays right:
+# which model, which inputs, which targets, which flag. They come first and are fast (hand-made data, a few
+# tokens, one step), so `.ci/mutate.py llm_finetune.py`, which stops at the first failure, stays quick.
+
+
+class SweepAccelerator(NoAccelerator):
+    """NoAccelerator plus what train_run calls around the updates."""
+
+    @staticmethod
+    def prepare(*objects):
+        return objects
+
+    @staticmethod
+    def free_memory():
+        pass
+
+
+def perturbed(model, scale, seed):
+    """A copy of `model` with Gaussian noise of std `scale` added to every weight: a policy pi that moved."""
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return moved
+
+
+def flat_grad(model):
+    return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in model.parameters()])
+
+
+def direct_logits(model, prompt, response):
+    """Logits predicting each response token, from one forward pass of prompt + response alone, [T, V]."""
+    return model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+
+
+def direct_logprobs(model, prompt, response):
+    """log pi(y_t | x, y_<t) of one response, [T]."""
+    logp = torch.log_softmax(direct_logits(model, prompt, response), -1)
+    return logp.gather(-1, torch.tensor(response, dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+
+
+def spy_on_sample(monkeypatch):
+    """Record every L.sample call's output."""
+    drawn, real_sample = [], L.sample
+
+    def spy(*args, **kwargs):
+        drawn.append(real_sample(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(L, "sample", spy)
+    return drawn
+
+
+def gradients_at_each_step(monkeypatch, then_step=False):
+    """Record the flat gradient each time an update calls optimizer_step (and take the real step if asked)."""
+    grads, models, real_step = [], [], L.optimizer_step
+
+    def spy(accelerator, run):
+        grads.append(flat_grad(run.model))
+        if not then_step:
+            return 0.0
+        norm = real_step(accelerator, run)
+        models.append(copy.deepcopy(run.model))
+        return norm
+
+    monkeypatch.setattr(L, "optimizer_step", spy)
+    return grads, models
+
+
+def rl_wiring_examples():
+    return [{"prompt": "copy: abc", "answer": "x"}, {"prompt": "sort: dcba", "answer": "y"},
+            {"prompt": "reverse: ab", "answer": "z"}]
+
+
+def answer_dependent_reward(response, answer):
+    """A reward that depends on the answer, so scoring a sample against another prompt's answer changes it."""
+    return float((sum(map(ord, response)) + ord(answer)) % 3 == 0)
+
+
+@pytest.mark.parametrize("method,scale", [("grpo", "none"), ("grpo", "group"), ("reinforce", "none"),
+                                          ("grpo-kl", "none")])
+def test_rl_step_gradient_is_the_full_batch_gradient_of_each_methods_objective(twin, monkeypatch, method, scale):
+    """One rl_step's gradient equals, computed here one sequence at a time from hand-made advantages,
+    -(1 / (N x max_new_tokens)) sum_i A_i grad log pi(y_i | x_i)  (Dr. GRPO's constant aggregation)
+    with A = r - mean_G(r) (GRPO, the default --scale-rewards none), (r - mean_G) / std_G (--scale-rewards group),
+    A = r (1-0 REINFORCE); grpo-kl adds coef x grad of the token-mean reverse KL(pi || pi0) (the default
+    --kl-direction). Each sample is scored against its own prompt's answer, G = --group-size samples per prompt,
+    and the micro-batches accumulate to the full batch."""
+    tokenizer, base, path = twin
+    group, max_new = 3, 10
+    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--micro-batch-tokens", "50",
+                    "--scale-rewards", scale)
+    policy = perturbed(base, 0.05, seed=1)
+    drawn = spy_on_sample(monkeypatch)
+    grads, _ = gradients_at_each_step(monkeypatch)
+    run = L.Run(policy, None, None, method, kl_coef=0.25 if method == "grpo-kl" else 0.0, reference=base)
+    examples = rl_wiring_examples()
+    torch.manual_seed(4)
+    info = L.rl_step(experiment(tokenizer, args, answer_dependent_reward), run, examples)
+
+    responses = drawn[0][0]
+    assert len(responses) == group * len(examples)
+    prompts, rewards = [], torch.zeros(len(examples), group)
+    for e, ex in enumerate(examples):
+        for j in range(group):
+            prompts.append(L.chat_prompt(tokenizer, ex["prompt"]))
+            rewards[e, j] = answer_dependent_reward(L.decode(tokenizer, responses[e * group + j]), ex["answer"])
+    assert len(L.micro_batches(prompts, responses, 50)) > 1
+    assert min(map(len, responses)) < max_new == max(map(len, responses))  # --max-new-tokens; lengths differ
+    assert (rewards.std(1) > 0).any() and 0 < rewards.mean() < 1  # the advantages are not all zero
+    assert info["reward"] == pytest.approx(rewards.mean().item())
+    if method == "reinforce":
+        advantages = rewards
+    else:
+        advantages = rewards - rewards.mean(1, keepdim=True)
+        if scale == "group":
+            advantages = advantages / (rewards.std(1, correction=0, keepdim=True) + 1e-8)
+    reference = copy.deepcopy(policy)
+    reference.zero_grad()
+    tokens, loss = sum(map(len, responses)), torch.tensor(0.0)
+    for prompt, response, advantage in zip(prompts, responses, advantages.flatten()):
+        if not response:
+            continue
+        logits = direct_logits(reference, prompt, response)
+        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+        loss = loss - advantage * logp.sum() / (len(responses) * max_new)
+        if method == "grpo-kl":
+            with torch.no_grad():
+                base_logits = direct_logits(base, prompt, response)
+            pi, pi0 = torch.distributions.Categorical(logits=logits), torch.distributions.Categorical(logits=base_logits)
+            loss = loss + 0.25 * torch.distributions.kl_divergence(pi, pi0).sum() / tokens
+    loss.backward()
+    torch.testing.assert_close(grads[0], flat_grad(reference), atol=1e-7, rtol=1e-3)
+
+
+def test_the_second_update_of_a_round_uses_the_ratio_to_the_sampler_clipped_at_clip_eps(twin, monkeypatch):
+    """mu = 2: the second optimizer step's gradient is that of -(1 / (N x max_new_tokens)) sum min(r A, clip(r,
+    1 - eps, 1 + eps) A) over every sampled token, r = pi / pi_sampler, eps = --clip-eps (not the default 0.2)."""
+    tokenizer, base, path = twin
+    group, max_new, eps = 4, 4, 0.02
+    args = args_for(path, "--group-size", str(group), "--max-new-tokens", str(max_new), "--clip-eps", str(eps),
+                    "--micro-batch-tokens", "40")
+    sampler = perturbed(base, 0.05, seed=2)
+    drawn = spy_on_sample(monkeypatch)
+    grads, models = gradients_at_each_step(monkeypatch, then_step=True)
+    run = make_run(copy.deepcopy(sampler), 1e-3, "grpo", mu=2)
+    examples = rl_wiring_examples()[:2]
+    torch.manual_seed(5)
+    L.rl_step(experiment(tokenizer, args, answer_dependent_reward), run, examples)
+    assert len(grads) == 2
+    responses = drawn[0][0]
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples for _ in range(group)]
+    assert len(L.micro_batches(prompts, responses, 40)) > 1
+    rewards = torch.tensor([answer_dependent_reward(L.decode(tokenizer, r), examples[i // group]["answer"])
+                            for i, r in enumerate(responses)]).view(len(examples), group)
+    advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
+    assert advantages.abs().sum() > 0
+
+    def clipped_objective_gradient(clip):
+        policy = copy.deepcopy(models[0])  # the policy after the first step
+        policy.zero_grad()
+        loss = torch.tensor(0.0)
+        for prompt, response, advantage in zip(prompts, responses, advantages):
+            if response:
+                logp = direct_logprobs(policy, prompt, response)
+                with torch.no_grad():
+                    old = direct_logprobs(sampler, prompt, response)
+                ratio = (logp - old).exp()
+                terms = torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+                loss = loss - terms.sum() / (len(responses) * max_new)
+        loss.backward()
+        return flat_grad(policy)
+
+    expected = clipped_objective_gradient(eps)
+    assert not torch.allclose(expected, clipped_objective_gradient(0.2), atol=1e-7, rtol=1e-3)  # eps matters here
+    torch.testing.assert_close(grads[1], expected, atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sft", "simpo"])
+def test_offline_step_gradient_is_the_full_batch_sft_or_simpo_gradient(twin, monkeypatch, method):
+    """SFT: the gradient of the mean negative log-likelihood of every target token (the response's tokens and
+    EOS; prompts not counted) over the whole batch. SimPO: of mean_i -log sigmoid(log pi(chosen_i | x_i)
+    - log pi(rejected_i | x_i) - 1) with summed sequence log-probs, chosen = the response, rejected = the
+    example's negative. Computed one example at a time; offline_step splits the batch in micro-batches."""
+    tokenizer, base, path = twin
+    args = args_for(path, "--micro-batch-tokens", "40")
+    examples = [{"prompt": f"add: {10 + i}+{i}", "response": "y" * n, "rejected": "z" * (n % 4 + 1)}
+                for i, n in enumerate((2, 9, 5, 8, 1, 4))]
+    grads, _ = gradients_at_each_step(monkeypatch)
+    L.offline_step(experiment(tokenizer, args), L.Run(copy.deepcopy(base), None, None, method), examples)
+    reference = copy.deepcopy(base)
+    terms = []
+    for ex in examples:
+        prompt = L.chat_prompt(tokenizer, ex["prompt"])
+        chosen = tokenizer(ex["response"] + "<|end|>")["input_ids"]
+        if method == "sft":
+            terms.append(-direct_logprobs(reference, prompt, chosen))
+        else:
+            rejected = tokenizer(ex["rejected"] + "<|end|>")["input_ids"]
+            margin = direct_logprobs(reference, prompt, chosen).sum() - direct_logprobs(reference, prompt, rejected).sum()
+            terms.append(-torch.nn.functional.logsigmoid(margin - 1.0))
+    loss = torch.cat(terms).mean() if method == "sft" else torch.stack(terms).mean()
+    loss.backward()
+    torch.testing.assert_close(grads[0], flat_grad(reference), atol=1e-7, rtol=1e-3)
+
+
+def wiring_data():
+    """Training data in which every list is recognisable: RL prompts, SFT examples (half with a negative),
+    and the two controls' sampled targets."""
+    return {"rl": [{"prompt": f"add: {i}+1", "answer": str(i + 1)} for i in range(9)],
+            "offline": [{"prompt": f"add: {i}+2", "answer": str(i + 2), "response": str(i + 2),
+                         **({"rejected": str(i + 3)} if i % 2 else {})} for i in range(8)],
+            "self-sft": [{"prompt": f"add: {i}+3", "answer": str(i + 3), "response_ids": [5, 1]} for i in range(4)],
+            "sft-distill": [{"prompt": f"add: {i}+4", "answer": str(i + 4), "response_ids": [6, 1]} for i in range(4)],
+            "dropped": {"rl": 0, "offline": 0}, "skipped": 0}
+
+
+def run_with_spies(twin, tmp_path, monkeypatch, config, *flags):
+    """train_run with the updates and the evaluation replaced by recorders: what each step was handed."""
+    tokenizer, _, path = twin
+    args = args_for(path, "--out", str(tmp_path), "--no-checkpoint", "--eval-every", "1000", *flags)
+    exp = L.Experiment(SweepAccelerator, tokenizer, args, None, data=wiring_data())
+    calls = []
+
+    def step(exp, run, examples):
+        calls.append({"run": run, "examples": list(examples), "lr": run.optimizer.param_groups[0]["lr"],
+                      "seed": torch.initial_seed()})
+        run.optimizer.step()
+        run.scheduler.step()
+        return {"reward": 0.0, "generated_tokens": 0, "update_tokens": 0}
+
+    monkeypatch.setattr(L, "rl_step", step)
+    monkeypatch.setattr(L, "offline_step", step)
+    monkeypatch.setattr(L, "evaluate", lambda exp, model: {})
+    L.train_run(exp, "run", config)
+    return calls
+
+
+def test_train_run_hands_each_update_its_flags_pi0_and_its_prompts(twin, tmp_path, monkeypatch):
+    """grpo-kl: the learning rate (after --warmup-steps), mu, the KL coefficient, a frozen pi0 as the reference,
+    AdamW without weight decay (Table 2), --seed, a policy that starts at pi0, --prompts-per-step distinct prompts per
+    step and every RL prompt once per epoch."""
+    _, base, _ = twin
+    config = {"method": "grpo-kl", "lr": 2e-4, "scheduler": "constant", "seed": 3, "mu": 2, "kl_coef": 0.3, "epochs": 1}
+    calls = run_with_spies(twin, tmp_path, monkeypatch, config, "--prompts-per-step", "3", "--warmup-steps", "2")
+    assert [c["lr"] for c in calls] == pytest.approx([0.0, 1e-4, 2e-4])  # 9 prompts / 3 per step = 3 steps
+    run = calls[0]["run"]
+    assert (run.method, run.mu, run.kl_coef, calls[0]["seed"]) == ("grpo-kl", 2, 0.3, 3)
+    assert run.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert run.reference is not run.model and not any(p.requires_grad for p in run.reference.parameters())
+    for model in (run.reference, run.model):
+        assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), base.state_dict().values()))
+    prompts = [ex["prompt"] for c in calls for ex in c["examples"]]
+    assert all(len(c["examples"]) == 3 for c in calls)
+    assert sorted(prompts) == sorted(ex["prompt"] for ex in wiring_data()["rl"])
+
+
+@pytest.mark.parametrize("method,source", [("sft", "offline"), ("simpo", "offline"), ("self-sft", "self-sft"),
+                                           ("sft-distill", "sft-distill")])
+def test_train_run_trains_each_offline_method_on_its_own_targets(twin, tmp_path, monkeypatch, method, source):
+    """SFT on the dataset's responses, SimPO on the examples that have a negative, self-sft on pi0's sampled
+    targets, sft-distill on the teacher's; --batch-size examples per step, every example once per epoch."""
+    config = {"method": method, "lr": 1e-4, "scheduler": "constant", "seed": 0, "batch_size": 2, "epochs": 2}
+    calls = run_with_spies(twin, tmp_path, monkeypatch, config, "--warmup-steps", "0")
+    expected = [ex for ex in wiring_data()[source] if method != "simpo" or "rejected" in ex]
+    assert len(calls) == 2 * len(expected) // 2 and all(len(c["examples"]) == 2 for c in calls)
+    assert all(c["lr"] == 1e-4 and c["run"].method == method for c in calls)
+    for epoch in (calls[:len(calls) // 2], calls[len(calls) // 2:]):
+        assert sorted(ex["prompt"] for c in epoch for ex in c["examples"]) == sorted(ex["prompt"] for ex in expected)
+
+
+def test_cosine_schedule_and_sft_examples_cap(twin, tmp_path, monkeypatch):
+    config = {"method": "sft", "lr": 1e-4, "scheduler": "cosine", "seed": 0, "batch_size": 2, "epochs": 1}
+    calls = run_with_spies(twin, tmp_path, monkeypatch, config, "--warmup-steps", "0", "--sft-examples", "6")
+    assert len(calls) == 3 and len({ex["prompt"] for c in calls for ex in c["examples"]}) == 6
+    assert [c["lr"] for c in calls] == pytest.approx([1e-4 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)])
+
+
+def test_sweep_crosses_each_methods_own_grid_and_only_the_flags_that_apply():
+    args = L.parse_args(["--method", "grpo", "grpo-kl", "sft", "simpo", "--mu", "1", "2", "--kl-coef", "0.1", "0.5",
+                         "--batch-size", "16", "32", "--seed", "0", "1"])
+    configs = [config for _, config in L.sweep(args)]
+    for method in ("grpo", "grpo-kl", "sft", "simpo"):
+        mine = [c for c in configs if c["method"] == method]
+        assert sorted({c["lr"] for c in mine}) == sorted(L.LR_GRIDS["twin"][method])
+        assert {c["seed"] for c in mine} == {0, 1}
+        assert {c.get("mu") for c in mine} == ({1, 2} if method in L.ON_POLICY else {None})
+        assert {c.get("kl_coef") for c in mine} == ({0.1, 0.5} if method == "grpo-kl" else {None})
+        assert {c.get("batch_size") for c in mine} == ({None} if method in L.ON_POLICY else {16, 32})
+    paper = L.parse_args(["--task", "math", "--method", "grpo", "sft"])
+    assert paper.prior_tasks == ["hellaswag", "truthfulqa_mc2", "mmlu", "ifeval", "winogrande", "humaneval_instruct"]
+    table_2 = (64, 8, [1], 0.2, 50, [16, 32, 64, 128], ["constant"], [1], [0.1], "reverse")
+    assert (paper.group_size, paper.prompts_per_step, paper.mu, paper.clip_eps, paper.warmup_steps, paper.batch_size,
+            paper.scheduler, paper.epochs, paper.kl_coef, paper.kl_direction) == table_2
+    assert {c["lr"] for _, c in L.sweep(paper) if c["method"] == "grpo"} == {1e-5, 2e-5, 3e-5, 4e-5, 5e-5}
+    assert {c["lr"] for _, c in L.sweep(paper) if c["method"] == "sft"} == {1e-5, 3e-5, 5e-5, 7e-5, 9e-5}
+    assert [c["lr"] for _, c in L.sweep(L.parse_args(["--method", "sft", "grpo", "--lr", "7e-4"]))] == [7e-4, 7e-4]
+
+
+def test_each_paper_benchmark_is_scored_by_the_metric_the_docs_name():
+    """The prior-task score averages one metric per benchmark (§4.1 names the benchmarks, not the metrics): the
+    one docs/llm_finetune.md's table of choices names is the one read from lm-eval's results."""
+    line = next(line for line in (Path(__file__).parent / "docs" / "llm_finetune.md").read_text().splitlines()
+                if line.startswith("| prior-task score"))
+    named = {task: metric for task, metric in re.findall(r"(\w+)\*{0,2} `([\w@]+)`", line)
+             if task in L.PAPER_PRIOR_TASKS.split(",")}
+    assert set(named) == set(L.PAPER_PRIOR_TASKS.split(","))
+    assert {task: L.PRIMARY_METRIC[task].split(",")[0] for task in named} == named
+
+
+def test_self_sft_targets_come_from_pi0_with_self_samples_draws_on_the_first_sft_examples_prompts(twin, tmp_path):
+    tokenizer, base, path = twin
+    args = args_for(path, "--max-new-tokens", "4", "--self-samples", "3", "--sft-examples", "5", "--out", str(tmp_path))
+    examples = [{"prompt": f"copy: {c * 3}", "answer": c} for c in "abcdefg"]
+
+    def reward(response, answer):  # about one draw in eight
+        return float(response[:1] in "abcdefgh")
+
+    exp = experiment(tokenizer, args, reward)
+    exp.data = {"rl": examples}
+    targets = L.policy_targets(exp, "self-sft", base, tmp_path)
+    assert targets == L.sampled_targets(base, tokenizer, examples[:5], args, 3, reward, seed=0)
+    assert 0 < len(targets) < 5 and all(reward(L.decode(tokenizer, t["response_ids"]), "") for t in targets)
+    unfiltered = L.sampled_targets(base, tokenizer, examples[:5], args, 1, None, seed=0)
+    assert targets != unfiltered
+
+
+def test_kl_samples_are_pi0s_temperature_1_draws_on_the_kl_prompts_and_the_kl_is_forward(twin, tmp_path):
+    """pi0's KL samples: --kl-samples draws per KL prompt at temperature 1, up to --eval-max-tokens, each paired
+    with its own prompt; the cached log-probs are pi0's; the recorded KL is the forward KL(pi0 || pi) summed over
+    each response (k1 = log pi0(y) - log pi(y), k3 = r - 1 - log r with r = pi(y) / pi0(y)), averaged over
+    sequences, and not the reverse."""
+    tokenizer, base, path = twin
+    args = args_for(path, "--kl-samples", "3", "--eval-max-tokens", "5")
+    examples = [{"prompt": f"copy: {c * 3}"} for c in "abcd"]
+    samples = L.BaseSamples(base, tokenizer, examples, args, tmp_path / "cache.pt")
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in examples]
+    torch.manual_seed(0)
+    drawn, _ = L.sample(base, tokenizer, prompts, 3, 5)
+    pairs = [(prompts[i], drawn[3 * i + j]) for i in range(len(prompts)) for j in range(3)]
+    assert list(zip(samples.prompts, samples.responses)) == pairs
+    assert max(map(len, samples.responses)) == 5
+    moved = perturbed(base, 0.05, seed=3)
+    forward, reverse, k1, k3 = [], [], [], []
+    for (prompt, response), base_logprobs in zip(pairs, samples.base_logprobs):
+        if not response:
+            for values in (forward, reverse, k1, k3):
+                values.append(0.0)
+            continue
+        with torch.no_grad():
+            base_logits, logits = direct_logits(base, prompt, response), direct_logits(moved, prompt, response)
+        torch.testing.assert_close(base_logprobs, torch.log_softmax(base_logits, -1), atol=1e-5, rtol=1e-4)
+        p0, p1 = torch.distributions.Categorical(logits=base_logits), torch.distributions.Categorical(logits=logits)
+        forward.append(torch.distributions.kl_divergence(p0, p1).sum().item())
+        reverse.append(torch.distributions.kl_divergence(p1, p0).sum().item())
+        log_ratio = p1.log_prob(torch.tensor(response)) - p0.log_prob(torch.tensor(response))  # log pi / pi0
+        k1.append(-log_ratio.sum().item())
+        k3.append((log_ratio.exp() - 1 - log_ratio).sum().item())
+    got = samples.kl_estimates(moved)
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    assert abs(mean(forward) - mean(reverse)) > 0.01 * mean(forward)  # the two directions differ here
+    assert got["kl_seq"] == pytest.approx(mean(forward), rel=1e-4)
+    assert got["k1_seq"] == pytest.approx(mean(k1), rel=1e-4, abs=1e-5)
+    assert got["k3_seq"] == pytest.approx(mean(k3), rel=1e-3, abs=1e-5)
+    per_token = [f / len(r) for f, (_, r) in zip(forward, pairs) if r] + [0.0] * sum(not r for _, r in pairs)
+    assert got["kl_token"] == pytest.approx(mean(per_token), rel=1e-4)
+
+
+def test_new_task_accuracy_scores_each_sample_against_its_own_prompts_answer(twin, monkeypatch):
+    """--eval-samples temperature-1 samples per test prompt (on their own seed) and one greedy answer each,
+    up to --eval-max-tokens; each scored against its own prompt's answer (the greedy answers are all scored
+    right here, so the two accuracies differ)."""
+    tokenizer, base, path = twin
+    args = args_for(path, "--eval-samples", "2", "--eval-max-tokens", "3")
+    test = [{"prompt": f"copy: {c}", "answer": a} for c, a in zip("abcd", "1000")]
+    scored = []
+
+    def reward(response, answer):
+        scored.append(answer)
+        return float(answer) if len(scored) <= 8 else 1.0
+
+    calls = []
+    real_sample = L.sample
+
+    def spy(model, tokenizer, prompts, num_samples, max_new_tokens, greedy=False, max_tokens=262_144):
+        calls.append((prompts, num_samples, max_new_tokens, greedy))
+        return real_sample(model, tokenizer, prompts, num_samples, max_new_tokens, greedy, max_tokens)
+
+    monkeypatch.setattr(L, "sample", spy)
+    point = L.new_task_accuracy(base, tokenizer, test, reward, args, seed=7)
+    prompts = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in test]
+    assert calls == [(prompts, 2, 3, False), (prompts, 1, 3, True)]
+    assert scored == list("11000000") + list("1000")
+    assert (point["new_task_acc"], point["new_task_acc_greedy"]) == (0.25, 1.0)
+
+
+def test_sample_returns_each_prompts_responses_together_in_prompt_order(twin):
+    """Every caller pairs response k with prompt k // num_samples: the responses are prompt-major."""
+    tokenizer, base, _ = twin
+    model = perturbed(base, 0.3, seed=1)  # distinct greedy answers for distinct prompts
+    prompts = [L.chat_prompt(tokenizer, text) for text in ("copy: abc", "sort: dcba", "reverse: xy")]
+    alone = [L.sample(model, tokenizer, [prompt], 1, 4, greedy=True)[0][0] for prompt in prompts]
+    assert len({tuple(r) for r in alone}) == 3
+    together, _ = L.sample(model, tokenizer, prompts, 2, 4, greedy=True)
+    assert together == [alone[0], alone[0], alone[1], alone[1], alone[2], alone[2]]
+
+
+def test_sample_draws_from_the_raw_policy_at_temperature_1(twin):
+    """Whatever the model's generation_config (Qwen2.5-Instruct ships T 0.7, top-k 20, top-p 0.8, repetition
+    penalty 1.05), the first sampled token's frequencies match pi's exact probabilities."""
+    tokenizer, base, _ = twin
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10)  # a peaked pi, on which temperature and truncation matter
+    model.generation_config.update(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, do_sample=True)
+    prompt = L.chat_prompt(tokenizer, "copy: abc")
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
+    torch.manual_seed(0)
+    responses, _ = L.sample(model, tokenizer, [prompt], 4000, 1)
+    first = torch.tensor([r[0] if r else tokenizer.pad_token_id for r in responses])
+    frequencies = torch.bincount(first, minlength=len(probs)).float() / len(first)
+    sharpened = torch.softmax(torch.log(probs) / 0.7, -1)
+    assert 0.5 * (sharpened - probs).abs().sum() > 0.1  # temperature 0.7 would be visible
+    assert 0.5 * (frequencies - probs).abs().sum() < 0.05
+    top = probs.argmax()
+    assert top in prompt  # so a repetition penalty would lower it
+    assert abs(frequencies[top] - probs[top]) < 4 * (probs[top] * (1 - probs[top]) / len(first)) ** 0.5
+    assert (frequencies > 0).sum() > 20  # top-k 20 would cut the rest
+
+
+def test_cut_at_eos_keeps_the_eos_and_stops_at_padding():
+    assert L.cut_at_eos([7, 8, 1, 9], eos_id=1, pad_id=0) == ([7, 8, 1], True)
+    assert L.cut_at_eos([7, 0, 0], eos_id=1, pad_id=0) == ([7], False)
+    assert L.cut_at_eos([7, 8], eos_id=1, pad_id=0) == ([7, 8], False)
+
+
+def test_the_twins_prior_tasks_ask_for_copy_reverse_and_sort():
+    rng = random.Random(0)
+    for task, transform in (("copy", lambda s: s), ("reverse", lambda s: s[::-1]), ("sort", lambda s: "".join(sorted(s)))):
+        for _ in range(5):
+            ex = L.twin_example(task, rng)
+            letters = ex["prompt"].split(": ")[1]
+            assert ex["prompt"].startswith(task) and ex["answer"] == transform(letters)
+            assert L.PRIOR_LENGTHS[0] <= len(letters) <= L.PRIOR_LENGTHS[1]
+
+
+def test_optimizer_step_clips_the_gradient_norm_at_1_steps_the_schedule_and_clears_the_gradient(twin):
+    _, base, _ = twin
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    seen = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(flat_grad(model).norm().item())
+
+    run = L.Run(model, Recorder(model.parameters(), lr=0.1), None, "sft")
+    run.scheduler = get_constant_schedule_with_warmup(run.optimizer, 2)
+    assert run.optimizer.param_groups[0]["lr"] == 0.0
+    norm = L.optimizer_step(NoAccelerator, run)
+    assert norm == pytest.approx(3.0 * sum(p.numel() for p in model.parameters()) ** 0.5, rel=1e-5)
+    assert seen == [pytest.approx(1.0, rel=1e-3)]  # max grad norm 1 (Table 2)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # the schedule moved one step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_law_is_fitted_on_forward_kl_per_sequence_against_the_prior_score(tmp_path, monkeypatch):
+    """--plot: every method's Pareto frontier on (new-task accuracy, prior score) includes the base point; the
+    pooled quadratic law is fitted on (kl_seq, prior_avg) of every point, base included, resampled by run."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"run_id": "base", "method": "base", "new_task_acc": 0.1, "prior_avg": 0.9, "kl_seq": 0.0, "kl_token": 0.0}]
+    for r, method in enumerate(("grpo", "grpo", "sft", "sft")):
+        for step in (1, 2):
+            rows.append({"run_id": f"{method}-{r}", "method": method, "new_task_acc": 0.1 + 0.1 * step + 0.01 * r,
+                         "prior_avg": 0.9 - 0.05 * step * (r + 1), "kl_seq": 0.5 * step * (r + 1),
+                         "kl_token": 0.1 * step})
+    fits, boots, fronts = [], [], []
+    real_fit, real_boot, real_front = kl.fit_law, kl.bootstrap_r2, kl.pareto_frontier
+
+    def fit(x, y, *a, **k):
+        fits.append((list(x), list(y)))
+        return real_fit(x, y, *a, **k)
+
+    def boot(x, y, groups=None, **k):
+        boots.append((list(x), list(y), list(groups)))
+        return real_boot(x, y, groups=groups, n_boot=20)
+
+    def front(new, prior):
+        fronts.append((list(new), list(prior)))
+        return real_front(new, prior)
+
+    monkeypatch.setattr(L.kl, "fit_law", fit)
+    monkeypatch.setattr(L.kl, "bootstrap_r2", boot)
+    monkeypatch.setattr(L.kl, "pareto_frontier", front)
+    L.plot_results(rows, "addition", "law")
+    trained, base = rows[1:], rows[0]
+    points = trained + [base]
+    assert fits[0] == ([r["kl_seq"] for r in points], [r["prior_avg"] for r in points])
+    assert boots[0] == ([r["kl_seq"] for r in points], [r["prior_avg"] for r in points], [r["run_id"] for r in points])
+    for method in ("grpo", "sft"):
+        mine = [r for r in trained if r["method"] == method] + [base]
+        assert ([r["new_task_acc"] for r in mine], [r["prior_avg"] for r in mine]) in fronts
+    assert (tmp_path / "plots" / "law_forgetting_vs_kl.png").is_file()
+
+
+def test_a_run_that_does_not_move_scores_exactly_the_base_on_the_right_prompts(twin, tmp_path, monkeypatch):
+    """A GRPO and an SFT run at learning rate 0 through main: every point equals the base row (accuracy, greedy
+    accuracy, each prior task; KL, k1, k3 exactly 0: no forgetting, no move). Accuracy is measured on the test
+    prompts and pi0's KL samples are drawn on the KL prompts, the two held-out sets of load_new_task."""
+    tokenizer, _, path = twin
+    tests_seen, real_accuracy = [], L.new_task_accuracy
+
+    def spy(model, tokenizer, test, *a, **k):
+        tests_seen.append([ex["prompt"] for ex in test])
+        return real_accuracy(model, tokenizer, test, *a, **k)
+
+    monkeypatch.setattr(L, "new_task_accuracy", spy)
+    monkeypatch.setitem(L.REWARDS, "addition", lambda response, answer: float(sum(map(ord, response)) % 2))
+    argv = ["--model", str(path), "--out", str(tmp_path), "--method", "grpo", "sft", "--lr", "0", "--steps", "1",
+            "--num-test", "4", "--kl-prompts", "3", "--kl-samples", "2", "--eval-samples", "2", "--max-new-tokens", "3",
+            "--eval-max-tokens", "4", "--group-size", "2", "--prompts-per-step", "2", "--batch-size", "2",
+            "--sft-examples", "4", "--rl-prompts", "4", "--prior-tasks", "twin_copy,twin_sort", "--prior-limit", "2",
+            "--warmup-steps", "0", "--no-checkpoint"]
+    L.main(argv)
+    rows = L.read_jsonl(tmp_path / "results.jsonl")
+    assert [r["method"] for r in rows] == ["base", "grpo", "sft"]
+    base = rows[0]
+    assert set(base["prior"]) == {"twin_copy", "twin_sort"}
+    for row in rows[1:]:
+        assert row["step"] == 1
+        for key in ("new_task_acc", "new_task_acc_greedy", "prior", "prior_avg", "truncated"):
+            assert row[key] == base[key], key
+        assert row["kl_seq"] == row["k1_seq"] == row["k3_seq"] == row["kl_token"] == 0.0
+    train, test, kl_prompts, _ = L.load_new_task(L.parse_args(argv))
+    assert (len(test), len(kl_prompts)) == (4, 3)
+    assert tests_seen == [[ex["prompt"] for ex in test]] * 3
+    (cache,) = tmp_path.glob("kl_cache-*.pt")
+    kl_chat = [L.chat_prompt(tokenizer, ex["prompt"]) for ex in kl_prompts]
+    assert torch.load(cache)["prompts"] == [p for p in kl_chat for _ in range(2)]
 
 
 # ---------------------------------------------------------------------------- tokenizer and model
