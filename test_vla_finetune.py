@@ -3,6 +3,9 @@ KL, LoRA, the caches, the study's statistics, and short ManiSkill3 rollouts (ski
 device exists). CPU, offline."""
 import ctypes.util
 import glob
+import inspect
+import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -309,6 +312,427 @@ def test_bad_arguments_exit_with_a_message(capsys):
     assert "--lr must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         vla.parse_args(["--method", "study", "--lr", "1e-4"])
+
+
+# ---------------------------------------------------------------- the wiring the claims rest on (no simulator)
+# Which policy acts, on which observations, which divergence is recorded under which name, each arm's data
+# and advantages, each flag. Hand-made logits and a fake simulator (FakeSimulator): fast, and exact where
+# ManiSkill's episodes would be slow.
+
+
+class FixedPolicy(torch.nn.Module):
+    """OpenVLA's output layout (the full 32000-id vocabulary, none of the stand-in's shortcuts) with known
+    next-token logits: at action position k, ids 31744 + k, + 10 + k and + 100 + k have probabilities 0.6, 0.3
+    and 0.1 among the 256 action ids, and every other id has a higher logit than any action id."""
+
+    def __init__(self, prompt_length):
+        super().__init__()
+        self.prompt_length = prompt_length
+        self.config = SimpleNamespace(model_type="fixed")
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def restricted_logits(k):
+        logits = torch.full((256,), -30.0)
+        logits[[k, 10 + k, 100 + k]] = torch.tensor([0.6, 0.3, 0.1]).log()
+        return logits
+
+    def forward(self, input_ids, pixel_values, **kwargs):
+        assert not kwargs  # OpenVLA's forward knows no logits_to_keep / action_ids_only
+        length = input_ids.shape[1]
+        logits = torch.full((length, 32000), 5.0)
+        for j in range(length):  # position j predicts action token j - prompt_length + 1
+            logits[j, 31744:] = self.restricted_logits(min(max(j - self.prompt_length + 1, 0), 6))
+        return SimpleNamespace(logits=logits.expand(input_ids.shape[0], length, 32000))
+
+
+def test_sampling_draws_each_token_from_the_256_action_ids_renormalised_at_temperature_1():
+    model = FixedPolicy(prompt_length=3)
+    tokens = vla.sample_action_tokens(model, torch.ones(4000, 3, dtype=torch.long), None,
+                                      torch.Generator().manual_seed(0))
+    assert tokens.shape == (4000, 7)
+    for k in range(7):
+        shares = [float((tokens[:, k] == 31744 + i).float().mean()) for i in (k, 10 + k, 100 + k)]
+        np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.03)  # 4000 draws: standard error <= 0.008
+    greedy = vla.sample_action_tokens(model, torch.ones(2, 3, dtype=torch.long), None, greedy=True)
+    assert greedy.tolist() == [[31744 + k for k in range(7)]] * 2
+
+
+def test_teacher_forced_logits_and_step_logprob_on_openvlas_output_layout():
+    model = FixedPolicy(prompt_length=3)
+    tokens = torch.tensor([[31744 + k for k in range(7)], [31744 + (k, 10 + k, 100 + k)[k % 3] for k in range(7)]])
+    logits = vla.action_logits(model, torch.ones(2, 3, dtype=torch.long), None, tokens)
+    expected = torch.stack([FixedPolicy.restricted_logits(k) for k in range(7)])
+    torch.testing.assert_close(logits, expected.expand(2, 7, 256))
+    logp = vla.step_logprobs(model, torch.ones(2, 3, dtype=torch.long), None, tokens)
+    manual = sum(torch.distributions.Categorical(logits=expected[k]).log_prob(tokens[:, k] - 31744) for k in range(7))
+    torch.testing.assert_close(logp, manual)
+    assert float(logp[0]) == pytest.approx(7 * np.log(0.6), rel=1e-5)  # the 7 tokens' log-probs summed
+
+
+def test_teacher_forcing_matches_decoding_token_by_token_at_all_7_positions(stand_in, batch, monkeypatch):
+    """Position k's logits are the next-token logits after the prompt and the first k action tokens; the same
+    through the full-vocabulary path that OpenVLA takes (no stand-in shortcuts)."""
+    model, processor = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, batch[0][:3])
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, tokens)
+        for k in range(7):
+            step = model(input_ids=torch.cat([ids, tokens[:, :k]], 1), pixel_values=pixels).logits[:, -1, 31744:]
+            torch.testing.assert_close(logits[:, k], step, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(vla, "_last", lambda model, n: {})
+        torch.testing.assert_close(vla.action_logits(model, ids, pixels, tokens), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_kl_is_forward_kl_from_pi0_per_dimension_averaged_over_observations(stand_in, batch):
+    """forward_kl_on_states = E_o KL(pi0(.|o) || pi(.|o)) at each of the 7 positions, against
+    torch.distributions, with a hand-made pi0 and batches that do not divide the observations."""
+    model, processor = vla.load_policy(stand_in)
+    images = batch[0]
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(0))
+    base = 2 * torch.randn(6, 7, 256, generator=torch.Generator().manual_seed(1))
+    states = dict(images=np.stack(images), tokens=tokens, base_logits=base)
+    per_dim = vla.forward_kl_on_states(model, processor, states, INSTRUCTION, batch=4)
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, tokens)
+    pi0, pi = torch.distributions.Categorical(logits=base), torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(per_dim, torch.distributions.kl_divergence(pi0, pi).mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(per_dim, torch.distributions.kl_divergence(pi, pi0).mean(0), rtol=0.05)
+
+
+def test_a_step_of_sft_is_cross_entropy_on_the_action_ids_with_the_gradient_clipped_to_1(stand_in, batch):
+    model, processor = vla.load_policy(stand_in)
+    images, tokens = batch
+    reference, _ = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, reference, INSTRUCTION, images)
+    loss = torch.nn.functional.cross_entropy(vla.action_logits(reference, ids, pixels, tokens).reshape(-1, 256),
+                                             (tokens - 31744).reshape(-1))
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0) > 1.0  # the clip is active here
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    got = vla.sft_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       INSTRUCTION, images, tokens)
+    assert got == pytest.approx(float(loss), rel=1e-5)
+    step = reference.projector[0].weight.detach() - model.projector[0].weight.detach()  # SGD, lr 1: the gradient
+    torch.testing.assert_close(step, reference.projector[0].weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_optimizer_is_adamw_without_weight_decay_and_a_linear_warmup_to_the_given_lr():
+    optimizer, scheduler = vla.make_optimizer(torch.nn.Linear(2, 2), 3e-4, warmup=3)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(lrs, [0.75e-4, 1.5e-4, 2.25e-4, 3e-4, 3e-4, 3e-4])
+
+
+def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(stand_in, batch):
+    assert vla.to_env_action(np.r_[np.zeros(6), 1.0])[6] == 1.0 and vla.to_env_action(np.r_[np.zeros(6), 0.0])[6] == -1.0
+    np.testing.assert_allclose(vla.to_policy_action(vla.to_env_action(np.r_[0.1, -0.2, 0.3, 0, 0, 0, 0.0])),
+                               [0.1, -0.2, 0.3, 0, 0, 0, 0.0], atol=1e-7)
+    model, processor = vla.load_policy(stand_in)
+    stats = dict(action=dict(q01=[-0.1] * 7, q99=[0.3] * 7, min=[-1] * 7, max=[1] * 7, mask=[True] * 6 + [False]))
+    env_action, tokens = vla.model_policy(model, processor, INSTRUCTION, stats, greedy=True)(batch[0][0])
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, batch[0][:1])
+    assert torch.equal(tokens, vla.sample_action_tokens(model, ids, pixels, greedy=True)[0])
+    expected = vla.unnormalize_actions(vla.tokens_to_actions(tokens.numpy()), stats)
+    np.testing.assert_allclose(env_action, vla.to_env_action(expected), atol=1e-6)
+
+
+def test_the_defaults_are_the_documented_design():
+    """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 4 episodes per iteration, 16 iterations, KL
+    coefficient 0.1 (Fig. 3), 4 samples per position, 3 SFT epochs of 32 frames, 100 evaluation episodes."""
+    args = vla.parse_args(["--method", "grpo"])
+    assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
+    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 3, 32, 100)
+    assert (args.env, args.prior_envs, args.horizon, args.eval_points) == ("PickCube-v1", ["PushCube-v1", "PullCube-v1"], 20, 4)
+    assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
+        "grpo": ("rl", 3e-4), "reinforce": ("rl", 3e-4), "grpo-kl": ("rl", 3e-4),
+        "sft-demonstrator": ("sft", 1e-4), "sft-pi0": ("sft", 1e-4), "sft-rl": ("sft", 1e-4)}
+    assert args.grpo_lr == vla.ARMS["grpo"][2]
+
+
+def test_the_law_fits_prior_task_mean_against_forward_kl():
+    rows = _rows()
+    kls, prior, _ = vla.law_points(rows)
+    points = rows[:1] + rows[1:]
+    assert kls.tolist() == [r["forward_kl"] for r in points] and prior.tolist() == [r["prior_mean"] for r in points]
+
+
+# A fake simulator: images are a fixed function of (task, start, step); scripted demonstrators always succeed;
+# a policy's episode succeeds by a rule of its tokens (or a rule a test sets). Every episode is logged.
+
+def pi0_expert(env):
+    return np.r_[0.5, 0.0, -0.5, 0, 0, 0, 1.0]
+
+
+def other_demonstrator(env):
+    return np.r_[-0.9, 0.9, 0.9, 0, 0, 0, -1.0]
+
+
+class FakeSimulator:
+    def __init__(self):
+        self.calls = []
+        self.success = self.by_tokens
+
+    @staticmethod
+    def by_tokens(env_id, start, records):
+        first = records[0][1]
+        if not torch.is_tensor(first):  # a scripted demonstrator
+            return True
+        return int(first[["PickCube-v1", "PushCube-v1", "PullCube-v1"].index(env_id)]) % 2 == 0
+
+    def make_env(self, env_id, image_size, horizon, camera=vla.CAMERA):
+        return SimpleNamespace(settings=dict(env_id=env_id, image_size=image_size, horizon=horizon, camera=camera))
+
+    def run_episode(self, env, env_id, start, horizon, act):
+        assert env.settings["env_id"] == env_id
+        records = []
+        for t in range(horizon):
+            seed = zlib.crc32(repr((env_id, start, t)).encode())
+            size = env.settings["image_size"]
+            image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            records.append((image, act(image)[1]))
+        success = bool(self.success(env_id, start, records))
+        self.calls.append(dict(env_id=env_id, start=start, horizon=horizon, records=records, success=success))
+        return records, success
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    fake = FakeSimulator()
+    monkeypatch.setattr(vla, "make_env", fake.make_env)
+    monkeypatch.setattr(vla, "run_episode", fake.run_episode)
+    monkeypatch.setitem(vla.TASKS["PickCube-v1"], "expert", pi0_expert)
+    monkeypatch.setattr(vla, "motion_planning_demonstrator", other_demonstrator)
+    return fake
+
+
+def tiny_args(stand_in, *extra):
+    return vla.parse_args(["--model", stand_in, "--image-size", "32", "--horizon", "2", "--grid", "2",
+                           "--eval-episodes", "3", "--kl-episodes", "2", "--eval-points", "2", "--iterations", "2",
+                           "--states-per-iter", "2", "--group-size", "2", "--samples-per-position", "2",
+                           "--batch-size", "4", "--sft-epochs", "1", *extra])
+
+
+def greedy_tokens(model, processor, image, instruction=INSTRUCTION):
+    ids, pixels = vla.encode(processor, model, instruction, [image])
+    return vla.sample_action_tokens(model, ids, pixels, greedy=True)[0]
+
+
+def moved(stand_in, scale=0.3):
+    model, _ = vla.load_policy(stand_in)
+    with torch.no_grad():
+        weight = model.projector[0].weight
+        weight.add_(scale * torch.randn(weight.shape, generator=torch.Generator().manual_seed(9)))
+    return model
+
+
+def test_kl_observations_are_pi0s_sampled_new_task_episodes_with_prefixes_sampled_from_pi0(stand_in, sim, tmp_path):
+    args = tiny_args(stand_in, "--method", "grpo")
+    setup = vla.load_setup(args, tmp_path)
+    pi0, processor = setup["model"], setup["processor"]
+    kl_calls = sim.calls[:args.kl_episodes]  # the KL observations come first, then pi0's evaluation
+    assert [(c["env_id"], c["start"], c["horizon"]) for c in kl_calls] == [
+        ("PickCube-v1", (vla.SEEDS["kl"] + i, None), args.horizon) for i in range(args.kl_episodes)]
+    images = [image for c in kl_calls for image, _ in c["records"]]
+    states = setup["kl_states"]
+    assert np.array_equal(states["images"], np.stack(images))
+    greedy = torch.stack([greedy_tokens(pi0, processor, image) for image in images])
+    acted = torch.stack([tokens for c in kl_calls for _, tokens in c["records"]])
+    assert (acted == greedy).float().mean() < 0.5 and (states["tokens"] == greedy).float().mean() < 0.5  # sampled
+    ids, pixels = vla.encode(processor, pi0, INSTRUCTION, images)
+    with torch.no_grad():
+        torch.testing.assert_close(states["base_logits"], vla.action_logits(pi0, ids, pixels, states["tokens"]))
+    base = vla.read_results(tmp_path / "results.jsonl")[0]
+    assert base["run"] == "base" and base["forward_kl"] == 0.0 and base["forward_kl_per_dim"] == [0.0] * 7
+
+
+def test_a_point_records_greedy_success_per_task_and_the_forward_kl_of_the_model_it_is_given(stand_in, sim, tmp_path):
+    args = tiny_args(stand_in, "--method", "grpo", "--eval-episodes", "6")
+    sim.success = lambda env_id, start, records: start[0] % {"PickCube-v1": 2, "PushCube-v1": 3, "PullCube-v1": 6}[env_id] == 0
+    setup = vla.load_setup(args, tmp_path)
+    model = moved(stand_in)
+    sim.calls.clear()
+    record = vla.evaluate_point(model, setup["processor"], setup, args)
+    starts = vla.evaluation_starts(args)
+    assert starts == [(vla.SEEDS["eval"] + i, None) for i in range(6)]
+    assert [(c["env_id"], c["start"], c["horizon"]) for c in sim.calls] == [
+        (e, s, args.horizon) for e in ("PickCube-v1", "PushCube-v1", "PullCube-v1") for s in starts]
+    for c in sim.calls[::5]:  # greedy actions of the model under evaluation, with each task's instruction
+        instruction = vla.task_info(c["env_id"])["instruction"]
+        assert torch.equal(c["records"][0][1], greedy_tokens(model, setup["processor"], c["records"][0][0], instruction))
+    # seeds 10000..10005: PickCube succeeds on even seeds (3 of 6), PushCube on multiples of 3 (2), PullCube of 6 (1)
+    assert record["new_task"] == "PickCube-v1" and record["new_success"] == pytest.approx(0.5)
+    assert record["prior_success"] == pytest.approx({"PushCube-v1": 2 / 6, "PullCube-v1": 1 / 6})
+    assert record["prior_mean"] == pytest.approx(0.25)
+    assert record["outcomes"]["PullCube-v1"] == [0, 0, 1, 0, 0, 0]
+    states = setup["kl_states"]
+    ids, pixels = vla.encode(setup["processor"], model, INSTRUCTION, list(states["images"]))
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, states["tokens"])
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=states["base_logits"]),
+                                                 torch.distributions.Categorical(logits=logits)).mean(0)
+    np.testing.assert_allclose(record["forward_kl_per_dim"], expected.numpy(), rtol=1e-4)
+    assert record["forward_kl"] == pytest.approx(float(expected.sum()), rel=1e-4) and record["forward_kl"] > 0.01
+    assert record["kl_states"] == len(states["tokens"]) == args.kl_episodes * args.horizon
+    # pi0 itself: exactly zero KL, and the base point's success (no forgetting)
+    again = vla.evaluate_point(setup["model"], setup["processor"], setup, args)
+    assert again["forward_kl"] == 0.0 and again["forward_kl_per_dim"] == [0.0] * 7
+
+
+@pytest.mark.parametrize("arm", ["grpo", "reinforce", "grpo-kl"])
+def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_advantages(stand_in, sim, monkeypatch,
+                                                                                           arm):
+    args = vla.parse_args(["--method", arm, "--model", stand_in, "--grid", "3", "--states-per-iter", "2",
+                           "--group-size", "3", "--horizon", "2", "--kl-coef", "0.37", "--image-size", "32"])
+    pi0, processor = vla.load_policy(stand_in)
+    model = moved(stand_in)
+    setup = dict(model=pi0, processor=processor, stats=pi0.norm_stats["maniskill"],
+                 envs={"PickCube-v1": sim.make_env("PickCube-v1", 32, 2)})
+    updates = []
+    signature = inspect.signature(vla.rl_step)
+    monkeypatch.setattr(vla, "rl_step", lambda *a, **k: updates.append(signature.bind(*a, **k).arguments))
+    outcomes = iter([1, 0, 0, 1, 1, 0])
+    sim.success = lambda env_id, start, records: next(outcomes)
+    mean_reward = vla.rl_iteration(args, arm, model, setup, None, None, torch.Generator().manual_seed(7),
+                                   np.random.default_rng(0))
+    assert mean_reward == pytest.approx(0.5)
+    starts = [c["start"] for c in sim.calls]
+    assert len(starts) == 6 and starts[0] == starts[1] == starts[2] != starts[3] == starts[4] == starts[5]
+    assert set(starts) <= set(vla.training_grid(3))
+    assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == 2 for c in sim.calls)
+    replay = torch.Generator().manual_seed(7)  # on-policy: the fine-tuned model's temperature-1 samples
+    for c in sim.calls:
+        for image, tokens in c["records"]:
+            ids, pixels = vla.encode(processor, model, INSTRUCTION, [image])
+            assert torch.equal(tokens, vla.sample_action_tokens(model, ids, pixels, replay)[0])
+    (update,) = updates
+    assert update["model"] is model and update["instruction"] == INSTRUCTION
+    assert update["episodes"] == [c["records"] for c in sim.calls]
+    rewards = np.array([[1.0, 0, 0], [1, 1, 0]])
+    if arm == "reinforce":
+        expected = rewards.flatten()  # 1-0 REINFORCE: advantage = reward
+    else:  # (r - mean) / std within the group of one position, std without Bessel's correction
+        expected = ((rewards - rewards.mean(1, keepdims=True)) / rewards.std(1, keepdims=True)).flatten()
+    np.testing.assert_allclose(update["advantages"].numpy(), expected, rtol=1e-5)
+    if arm == "grpo-kl":
+        assert update["kl_coef"] == 0.37 and update["base_model"] is pi0
+    else:
+        assert update.get("kl_coef", 0.0) == 0.0
+    sim.success = lambda env_id, start, records: False
+    vla.rl_iteration(args, arm, model, setup, None, None, torch.Generator(), np.random.default_rng(1))
+    assert len(updates) == 1  # every group tied: no update
+
+
+@pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
+def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, arm):
+    """sft-demonstrator: the other demonstrator's episode at each grid position; sft-pi0: pi0's own sampled
+    episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the finished
+    GRPO run of the same seed."""
+    args = tiny_args(stand_in, "--method", arm, "--samples-per-position", "3", "--grpo-lr", "0.002")
+    pi0, processor = vla.load_policy(stand_in)
+    setup = dict(model=pi0, processor=processor, stats=pi0.norm_stats["maniskill"],
+                 envs={"PickCube-v1": sim.make_env("PickCube-v1", 32, 2)}, policy_key=vla.model_fingerprint(stand_in))
+    rollouts = []
+    original = vla.successful_rollouts
+    monkeypatch.setattr(vla, "successful_rollouts", lambda model, *a: rollouts.append(model) or original(model, *a))
+    if arm == "sft-rl":
+        with pytest.raises(SystemExit, match="run it first"):
+            vla.sft_dataset(args, arm, 1, setup, tmp_path)
+        rl_model = moved(stand_in)
+        (tmp_path / "ckpt").mkdir()
+        torch.save(dict(model=rl_model.state_dict(), step=args.iterations, wall=1.0),
+                   tmp_path / "ckpt" / "grpo_lr0.002_seed1.pt")
+        torch.save(dict(model=pi0.state_dict(), step=args.iterations, wall=1.0),
+                   tmp_path / "ckpt" / "grpo_lr0.002_seed0.pt")  # another seed's run
+    episodes = vla.sft_dataset(args, arm, 1, setup, tmp_path)
+    grid = vla.training_grid(2)
+    assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == args.horizon for c in sim.calls)
+    if arm == "sft-demonstrator":
+        assert [c["start"] for c in sim.calls] == grid and not rollouts
+        images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
+        action = vla.to_policy_action(other_demonstrator(None))
+        expected = vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"]))
+        assert not np.array_equal(expected, vla.actions_to_tokens(action))  # the normalisation matters here
+        assert len(tokens) == 4 * args.horizon and (tokens.numpy() == expected).all()
+        return
+    assert sorted(c["start"] for c in sim.calls) == sorted(grid * 3)
+    kept = [c for c in sim.calls if c["success"]]
+    assert 0 < len(kept) < len(sim.calls) and len(episodes) == len(kept)
+    for episode, c in zip(episodes, kept):
+        assert episode["start"] == c["start"] and torch.equal(episode["tokens"], torch.stack([r[1] for r in c["records"]]))
+    images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
+    assert torch.equal(tokens, torch.cat([e["tokens"] for e in episodes]))  # sampled tokens, imitated as they are
+    greedy = torch.stack([greedy_tokens(rollouts[0], processor, image) for c in sim.calls for image, _ in c["records"]])
+    assert (torch.stack([t for c in sim.calls for _, t in c["records"]]) == greedy).float().mean() < 0.5  # sampled
+    (policy,) = rollouts
+    source = pi0 if arm == "sft-pi0" else rl_model
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), source.state_dict().values()))
+
+
+def test_an_rl_run_measures_the_fine_tuned_model_and_honours_its_flags(stand_in, sim, tmp_path, monkeypatch):
+    args = tiny_args(stand_in, "--method", "grpo-kl", "--iterations", "4", "--eval-points", "3", "--lr", "0.002",
+                     "--states-per-iter", "3", "--group-size", "2", "--warmup-steps", "1")
+    setup = vla.load_setup(args, tmp_path)
+    optimizers = []
+    original = vla.make_optimizer
+    monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1:]) or original(*a))
+    sim.calls.clear()
+    vla.finetune(args, "grpo-kl", 0.002, 0, setup, tmp_path)
+    assert optimizers == [(0.002, 1)]
+    rl_calls = [c for c in sim.calls if c["start"][0] < vla.SEEDS["eval"]]
+    assert len(rl_calls) == 4 * 3 * 2  # iterations x states per iteration x group size
+    base, *rows = vla.read_results(tmp_path / "results.jsonl")
+    assert [(r["run"], r["arm"], r["lr"], r["seed"], r["step"], r["fraction"], r["episodes_seen"]) for r in rows] == [
+        ("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0, 2, 0.5, 12), ("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0, 4, 1.0, 24)]
+    fresh, _ = vla.load_policy(stand_in)
+    assert all(torch.equal(a, b) for a, b in zip(setup["model"].state_dict().values(), fresh.state_dict().values()))
+    vla.load_checkpoint(tmp_path / "ckpt" / "grpo-kl_lr0.002_seed0.pt", fresh, *original(fresh, 1.0, 0),
+                        torch.Generator(), np.random.default_rng())
+    record = vla.evaluate_point(fresh, setup["processor"], setup, args)  # the last point, measured again
+    assert rows[-1]["forward_kl"] > 0 and rows[-1]["forward_kl"] == pytest.approx(record["forward_kl"], rel=1e-5)
+    assert rows[-1]["outcomes"] == record["outcomes"] and rows[-1]["prior_mean"] == record["prior_mean"]
+
+
+def test_an_sft_run_takes_sft_epochs_of_batches_of_its_data(stand_in, sim, tmp_path, monkeypatch):
+    args = tiny_args(stand_in, "--method", "sft-demonstrator", "--sft-epochs", "2", "--batch-size", "3",
+                     "--lr", "0.003")
+    setup = vla.load_setup(args, tmp_path)
+    batches, optimizers = [], []
+    sft_step, make_optimizer = vla.sft_step, vla.make_optimizer
+    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[5:]) or sft_step(*a))
+    monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1]) or make_optimizer(*a))
+    vla.finetune(args, "sft-demonstrator", 0.003, 0, setup, tmp_path)
+    assert optimizers == [0.003]
+    demos = [c for c in sim.calls if c["start"] in vla.training_grid(2)]
+    frames = {image.tobytes() for c in demos for image, _ in c["records"]}
+    assert len(frames) == 8 and len(batches) == 2 * 3  # 8 frames, batches of 3: 3 per epoch
+    for epoch in (batches[:3], batches[3:]):
+        seen = [image.tobytes() for images, _ in epoch for image in images]
+        assert sorted(seen) == sorted(frames)  # every frame once per epoch
+    action = vla.to_policy_action(other_demonstrator(None))
+    expected = torch.as_tensor(vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"])))
+    assert all((tokens == expected).all() for _, tokens in batches)
+    rows = vla.read_results(tmp_path / "results.jsonl")
+    assert rows[-1]["step"] == 6 and rows[-1]["lr"] == 0.003 and rows[-1]["forward_kl"] > 0
+
+
+def test_a_run_that_never_updates_has_kl_exactly_0_and_forgets_nothing(stand_in, sim, tmp_path):
+    """No new-task success: every GRPO group ties, no step is taken, and every point equals pi0's."""
+    sim.success = lambda env_id, start, records: env_id != "PickCube-v1" and start[0] % 2 == 0
+    vla.main(["--method", "grpo", "--model", stand_in, "--out-dir", str(tmp_path), "--image-size", "32",
+              "--horizon", "2", "--grid", "2", "--eval-episodes", "4", "--kl-episodes", "2", "--eval-points", "3",
+              "--iterations", "2", "--states-per-iter", "2", "--group-size", "2"])
+    base, *rows = vla.read_results(tmp_path / "results.jsonl")
+    assert len(rows) == 2 and base["prior_mean"] == 0.5
+    for row in rows:
+        assert row["forward_kl"] == 0.0 and row["forward_kl_per_dim"] == [0.0] * 7
+        assert base["prior_mean"] - row["prior_mean"] == 0.0 and row["outcomes"] == base["outcomes"]
 
 
 # ---------------------------------------------------------------- ManiSkill3 (needs a Vulkan device)
