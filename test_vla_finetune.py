@@ -173,22 +173,26 @@ def test_rl_loss_sums_each_episodes_steps_as_reinforce(stand_in, batch):
     ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
     tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(3))
     episodes = [list(zip(images[:1], tokens[:1])), list(zip(images[1:5], tokens[1:5]))]
-    advantages = torch.tensor([1.0, 0.5])
+    advantages = torch.tensor([1e-4, 5e-5])  # small: the gradient's norm stays under the clip, its scale is seen
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                 INSTRUCTION, episodes, advantages)
     got = model.projector[0].weight.grad.clone()
     model.zero_grad()
     logprobs = vla.step_logprobs(model, ids[:5], pixels[:5], tokens[:5])
-    manual = -(1.0 * logprobs[0] + 0.5 * logprobs[1:5].sum()) / 2
+    manual = -(1e-4 * logprobs[0] + 5e-5 * logprobs[1:5].sum()) / 2
     manual.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    torch.testing.assert_close(got, model.projector[0].weight.grad, atol=1e-6, rtol=1e-4)
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) < 1.0
+    torch.testing.assert_close(got, model.projector[0].weight.grad, atol=1e-8, rtol=1e-4)
+    vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                INSTRUCTION, episodes, 1e4 * advantages)  # a gradient of norm ~ 370, clipped to 1 (App. B.2)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(norm) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_kl_penalty_is_the_summed_reverse_kl_and_pulls_the_policy_back_to_pi0(stand_in, batch):
     """With zero advantages the gradient is kl_coef (1/B) sum_e sum_t sum_tokens grad KL(pi || pi0), and a small
-    step along it lowers that KL."""
+    step along it lowers that KL. The gradient's norm stays under rl_step's clip, so its scale is tested too."""
     images, _ = batch
     base, processor = vla.load_policy(stand_in)
     model, _ = vla.load_policy(stand_in)
@@ -202,15 +206,15 @@ def test_kl_penalty_is_the_summed_reverse_kl_and_pulls_the_policy_back_to_pi0(st
         return kl.reverse_kl(vla.action_logits(base, ids, pixels, tokens).detach(),
                              vla.action_logits(model, ids, pixels, tokens)).sum()
     before = summed_reverse_kl()
-    (0.5 * before / 2).backward()  # kl_coef 0.5, B = 2 episodes
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    (0.002 * before / 2).backward()  # kl_coef 0.002, B = 2 episodes
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) < 1.0  # the clip would hide a wrong scale
     manual = model.projector[0].weight.grad.clone()
     model.zero_grad()
     episodes = [list(zip(images[:2], tokens[:2])), list(zip(images[2:], tokens[2:]))]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03)
     vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                INSTRUCTION, episodes, torch.zeros(2), base_model=base, kl_coef=0.5, minibatch=4)
-    torch.testing.assert_close(model.projector[0].weight.grad, manual, atol=1e-6, rtol=1e-4)
+                INSTRUCTION, episodes, torch.zeros(2), base_model=base, kl_coef=0.002, minibatch=4)
+    torch.testing.assert_close(model.projector[0].weight.grad, manual, atol=1e-8, rtol=1e-4)
     assert float(summed_reverse_kl()) < float(before)
 
 
@@ -431,7 +435,8 @@ def test_optimizer_is_adamw_without_weight_decay_and_a_linear_warmup_to_the_give
 
 
 def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(stand_in, batch):
-    assert vla.to_env_action(np.r_[np.zeros(6), 1.0])[6] == 1.0 and vla.to_env_action(np.r_[np.zeros(6), 0.0])[6] == -1.0
+    open_, closed = vla.to_env_action(np.r_[np.zeros(6), 1.0]), vla.to_env_action(np.r_[np.zeros(6), 0.0])
+    assert open_[6] == 1.0 and closed[6] == -1.0  # OpenVLA: 1 = open; ManiSkill: +1 = open
     np.testing.assert_allclose(vla.to_policy_action(vla.to_env_action(np.r_[0.1, -0.2, 0.3, 0, 0, 0, 0.0])),
                                [0.1, -0.2, 0.3, 0, 0, 0, 0.0], atol=1e-7)
     model, processor = vla.load_policy(stand_in)
@@ -449,7 +454,8 @@ def test_the_defaults_are_the_documented_design():
     args = vla.parse_args(["--method", "grpo"])
     assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
     assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 3, 32, 100)
-    assert (args.env, args.prior_envs, args.horizon, args.eval_points) == ("PickCube-v1", ["PushCube-v1", "PullCube-v1"], 20, 4)
+    assert (args.env, args.prior_envs) == ("PickCube-v1", ["PushCube-v1", "PullCube-v1"])
+    assert (args.horizon, args.eval_points) == (20, 4)
     assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
         "grpo": ("rl", 3e-4), "reinforce": ("rl", 3e-4), "grpo-kl": ("rl", 3e-4),
         "sft-demonstrator": ("sft", 1e-4), "sft-pi0": ("sft", 1e-4), "sft-rl": ("sft", 1e-4)}
@@ -554,7 +560,8 @@ def test_kl_observations_are_pi0s_sampled_new_task_episodes_with_prefixes_sample
 
 def test_a_point_records_greedy_success_per_task_and_the_forward_kl_of_the_model_it_is_given(stand_in, sim, tmp_path):
     args = tiny_args(stand_in, "--method", "grpo", "--eval-episodes", "6")
-    sim.success = lambda env_id, start, records: start[0] % {"PickCube-v1": 2, "PushCube-v1": 3, "PullCube-v1": 6}[env_id] == 0
+    every = {"PickCube-v1": 2, "PushCube-v1": 3, "PullCube-v1": 6}
+    sim.success = lambda env_id, start, records: start[0] % every[env_id] == 0
     setup = vla.load_setup(args, tmp_path)
     model = moved(stand_in)
     sim.calls.clear()
@@ -565,7 +572,8 @@ def test_a_point_records_greedy_success_per_task_and_the_forward_kl_of_the_model
         (e, s, args.horizon) for e in ("PickCube-v1", "PushCube-v1", "PullCube-v1") for s in starts]
     for c in sim.calls[::5]:  # greedy actions of the model under evaluation, with each task's instruction
         instruction = vla.task_info(c["env_id"])["instruction"]
-        assert torch.equal(c["records"][0][1], greedy_tokens(model, setup["processor"], c["records"][0][0], instruction))
+        image, tokens = c["records"][0]
+        assert torch.equal(tokens, greedy_tokens(model, setup["processor"], image, instruction))
     # seeds 10000..10005: PickCube succeeds on even seeds (3 of 6), PushCube on multiples of 3 (2), PullCube of 6 (1)
     assert record["new_task"] == "PickCube-v1" and record["new_success"] == pytest.approx(0.5)
     assert record["prior_success"] == pytest.approx({"PushCube-v1": 2 / 6, "PullCube-v1": 1 / 6})
@@ -625,8 +633,11 @@ def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_a
     else:
         assert update.get("kl_coef", 0.0) == 0.0
     sim.success = lambda env_id, start, records: False
+    sim.calls.clear()
+    args.grid, args.states_per_iter, args.group_size, args.horizon = 2, 4, 1, 1
     vla.rl_iteration(args, arm, model, setup, None, None, torch.Generator(), np.random.default_rng(1))
     assert len(updates) == 1  # every group tied: no update
+    assert sorted(c["start"] for c in sim.calls) == vla.training_grid(2)  # positions drawn without replacement
 
 
 @pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
@@ -646,12 +657,13 @@ def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch
             vla.sft_dataset(args, arm, 1, setup, tmp_path)
         rl_model = moved(stand_in)
         (tmp_path / "ckpt").mkdir()
-        torch.save(dict(model=rl_model.state_dict(), step=args.iterations, wall=1.0),
-                   tmp_path / "ckpt" / "grpo_lr0.002_seed1.pt")
-        torch.save(dict(model=pi0.state_dict(), step=args.iterations, wall=1.0),
-                   tmp_path / "ckpt" / "grpo_lr0.002_seed0.pt")  # another seed's run
-    episodes = vla.sft_dataset(args, arm, 1, setup, tmp_path)
+        for seed, weights in ((0, pi0), (1, rl_model), (2, rl_model)):  # seed 0's run: not seed 1's to imitate
+            torch.save(dict(model=weights.state_dict(), step=args.iterations, wall=1.0),
+                       tmp_path / "ckpt" / f"grpo_lr0.002_seed{seed}.pt")
     grid = vla.training_grid(2)
+    if arm == "sft-demonstrator":  # a demonstration that fails is not imitated
+        sim.success = lambda env_id, start, records: start != grid[0]
+    episodes = vla.sft_dataset(args, arm, 1, setup, tmp_path)
     assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == args.horizon for c in sim.calls)
     if arm == "sft-demonstrator":
         assert [c["start"] for c in sim.calls] == grid and not rollouts
@@ -659,13 +671,15 @@ def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch
         action = vla.to_policy_action(other_demonstrator(None))
         expected = vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"]))
         assert not np.array_equal(expected, vla.actions_to_tokens(action))  # the normalisation matters here
-        assert len(tokens) == 4 * args.horizon and (tokens.numpy() == expected).all()
+        assert len(episodes) == 3 and [e["start"] for e in episodes] == grid[1:]
+        assert len(tokens) == 3 * args.horizon and (tokens.numpy() == expected).all()
         return
     assert sorted(c["start"] for c in sim.calls) == sorted(grid * 3)
     kept = [c for c in sim.calls if c["success"]]
     assert 0 < len(kept) < len(sim.calls) and len(episodes) == len(kept)
     for episode, c in zip(episodes, kept):
-        assert episode["start"] == c["start"] and torch.equal(episode["tokens"], torch.stack([r[1] for r in c["records"]]))
+        assert episode["start"] == c["start"]
+        assert torch.equal(episode["tokens"], torch.stack([tokens for _, tokens in c["records"]]))
     images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
     assert torch.equal(tokens, torch.cat([e["tokens"] for e in episodes]))  # sampled tokens, imitated as they are
     greedy = torch.stack([greedy_tokens(rollouts[0], processor, image) for c in sim.calls for image, _ in c["records"]])
@@ -673,6 +687,9 @@ def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch
     (policy,) = rollouts
     source = pi0 if arm == "sft-pi0" else rl_model
     assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), source.state_dict().values()))
+    other_seed = vla.sft_dataset(args, arm, 2, setup, tmp_path)  # each fine-tuning seed draws its own samples
+    assert [e["start"] for e in other_seed] != [e["start"] for e in episodes] or not all(
+        torch.equal(a["tokens"], b["tokens"]) for a, b in zip(other_seed, episodes))
 
 
 def test_an_rl_run_measures_the_fine_tuned_model_and_honours_its_flags(stand_in, sim, tmp_path, monkeypatch):
@@ -688,8 +705,8 @@ def test_an_rl_run_measures_the_fine_tuned_model_and_honours_its_flags(stand_in,
     rl_calls = [c for c in sim.calls if c["start"][0] < vla.SEEDS["eval"]]
     assert len(rl_calls) == 4 * 3 * 2  # iterations x states per iteration x group size
     base, *rows = vla.read_results(tmp_path / "results.jsonl")
-    assert [(r["run"], r["arm"], r["lr"], r["seed"], r["step"], r["fraction"], r["episodes_seen"]) for r in rows] == [
-        ("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0, 2, 0.5, 12), ("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0, 4, 1.0, 24)]
+    assert {(r["run"], r["arm"], r["lr"], r["seed"]) for r in rows} == {("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0)}
+    assert [(r["step"], r["fraction"], r["episodes_seen"]) for r in rows] == [(2, 0.5, 12), (4, 1.0, 24)]
     fresh, _ = vla.load_policy(stand_in)
     assert all(torch.equal(a, b) for a, b in zip(setup["model"].state_dict().values(), fresh.state_dict().values()))
     vla.load_checkpoint(tmp_path / "ckpt" / "grpo-kl_lr0.002_seed0.pt", fresh, *original(fresh, 1.0, 0),
@@ -712,9 +729,9 @@ def test_an_sft_run_takes_sft_epochs_of_batches_of_its_data(stand_in, sim, tmp_p
     demos = [c for c in sim.calls if c["start"] in vla.training_grid(2)]
     frames = {image.tobytes() for c in demos for image, _ in c["records"]}
     assert len(frames) == 8 and len(batches) == 2 * 3  # 8 frames, batches of 3: 3 per epoch
-    for epoch in (batches[:3], batches[3:]):
-        seen = [image.tobytes() for images, _ in epoch for image in images]
-        assert sorted(seen) == sorted(frames)  # every frame once per epoch
+    epochs = [[image.tobytes() for images, _ in epoch for image in images] for epoch in (batches[:3], batches[3:])]
+    assert all(sorted(seen) == sorted(frames) for seen in epochs)  # every frame once per epoch
+    assert epochs[0] != epochs[1]  # in a fresh order
     action = vla.to_policy_action(other_demonstrator(None))
     expected = torch.as_tensor(vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"])))
     assert all((tokens == expected).all() for _, tokens in batches)
@@ -727,12 +744,52 @@ def test_a_run_that_never_updates_has_kl_exactly_0_and_forgets_nothing(stand_in,
     sim.success = lambda env_id, start, records: env_id != "PickCube-v1" and start[0] % 2 == 0
     vla.main(["--method", "grpo", "--model", stand_in, "--out-dir", str(tmp_path), "--image-size", "32",
               "--horizon", "2", "--grid", "2", "--eval-episodes", "4", "--kl-episodes", "2", "--eval-points", "3",
-              "--iterations", "2", "--states-per-iter", "2", "--group-size", "2"])
+              "--iterations", "2", "--states-per-iter", "2", "--group-size", "2", "--lr", "0.002", "--seeds", "3"])
     base, *rows = vla.read_results(tmp_path / "results.jsonl")
     assert len(rows) == 2 and base["prior_mean"] == 0.5
+    assert {(r["run"], r["lr"], r["seed"]) for r in rows} == {("grpo_lr0.002_seed3", 0.002, 3)}
     for row in rows:
         assert row["forward_kl"] == 0.0 and row["forward_kl_per_dim"] == [0.0] * 7
         assert base["prior_mean"] - row["prior_mean"] == 0.0 and row["outcomes"] == base["outcomes"]
+
+
+def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and_prompt_per_batch(sim, tmp_path,
+                                                                                                   monkeypatch):
+    experts = {"PickCube-v1": pi0_expert, "PushCube-v1": lambda env: np.r_[0.2, 0, 0, 0, 0, 0, -1.0],
+               "PullCube-v1": lambda env: np.r_[-0.2, 0, 0, 0, 0, 0, -1.0]}
+    for env_id, expert in experts.items():
+        monkeypatch.setitem(vla.TASKS[env_id], "expert", expert)
+    batches = []
+    sft_step = vla.sft_step
+    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[4:]) or sft_step(*a))
+    args = vla.parse_args(["--method", "bc", "--out-dir", str(tmp_path), "--image-size", "32", "--horizon", "2",
+                           "--prior-demos", "3", "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
+    vla.behaviour_clone(args, tmp_path)
+    starts = {e: [c["start"] for c in sim.calls if c["env_id"] == e] for e in experts}
+    assert starts == {"PickCube-v1": [(vla.SEEDS["base_new_demos"] + i, None) for i in range(2)],
+                      "PushCube-v1": [(vla.SEEDS["prior_demos"] + i, None) for i in range(3)],
+                      "PullCube-v1": [(vla.SEEDS["prior_demos"] + i, None) for i in range(3)]}
+    actions = {e: vla.to_policy_action(expert(None)) for e, expert in experts.items()}
+    stats = vla.load_policy(str(tmp_path / "base"))[0].norm_stats["maniskill"]  # pi0's statistics: every demo
+    all_actions = np.concatenate([np.tile(actions[e], (len(starts[e]) * args.horizon, 1)) for e in experts])
+    assert stats == vla.action_stats(all_actions)
+    tokens_of = {e: vla.actions_to_tokens(vla.normalize_actions(a, stats)).tolist() for e, a in actions.items()}
+    assert len(batches) == 12 and all(len(tokens) == 2 for _, _, tokens in batches)
+    tasks = set()
+    for instruction, _, tokens in batches:  # one task per batch, under that task's instruction
+        (env_id,) = [e for e in experts if tokens.tolist() == [tokens_of[e]] * 2]
+        assert instruction == vla.TASKS[env_id]["instruction"]
+        tasks.add(env_id)
+    assert tasks == set(experts)
+
+
+def test_encode_gives_the_prompt_with_bos_and_the_space_token_openvla_ends_it_with(stand_in, batch):
+    model, processor = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, model, "Pick Up the Cube", batch[0][:2])
+    text = processor.tokenizer(vla.prompt_for("pick up the cube"))["input_ids"]
+    assert ids.tolist() == [text + [29871]] * 2 and text[0] == 1 and text[-1] != 29871
+    expected = torch.as_tensor(np.stack(batch[0][:2])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(pixels, expected)
 
 
 # ---------------------------------------------------------------- ManiSkill3 (needs a Vulkan device)
