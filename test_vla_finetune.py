@@ -3,6 +3,9 @@ KL, LoRA, the caches, the study's statistics, and short ManiSkill3 rollouts (ski
 device exists). CPU, offline."""
 import ctypes.util
 import glob
+import inspect
+import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -170,22 +173,26 @@ def test_rl_loss_sums_each_episodes_steps_as_reinforce(stand_in, batch):
     ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
     tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(3))
     episodes = [list(zip(images[:1], tokens[:1])), list(zip(images[1:5], tokens[1:5]))]
-    advantages = torch.tensor([1.0, 0.5])
+    advantages = torch.tensor([1e-4, 5e-5])  # small: the gradient's norm stays under the clip, its scale is seen
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
                 INSTRUCTION, episodes, advantages)
     got = model.projector[0].weight.grad.clone()
     model.zero_grad()
     logprobs = vla.step_logprobs(model, ids[:5], pixels[:5], tokens[:5])
-    manual = -(1.0 * logprobs[0] + 0.5 * logprobs[1:5].sum()) / 2
+    manual = -(1e-4 * logprobs[0] + 5e-5 * logprobs[1:5].sum()) / 2
     manual.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    torch.testing.assert_close(got, model.projector[0].weight.grad, atol=1e-6, rtol=1e-4)
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) < 1.0
+    torch.testing.assert_close(got, model.projector[0].weight.grad, atol=1e-8, rtol=1e-4)
+    vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                INSTRUCTION, episodes, 1e4 * advantages)  # a gradient of norm ~ 370, clipped to 1 (App. B.2)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(norm) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_kl_penalty_is_the_summed_reverse_kl_and_pulls_the_policy_back_to_pi0(stand_in, batch):
     """With zero advantages the gradient is kl_coef (1/B) sum_e sum_t sum_tokens grad KL(pi || pi0), and a small
-    step along it lowers that KL."""
+    step along it lowers that KL. The gradient's norm stays under rl_step's clip, so its scale is tested too."""
     images, _ = batch
     base, processor = vla.load_policy(stand_in)
     model, _ = vla.load_policy(stand_in)
@@ -199,15 +206,15 @@ def test_kl_penalty_is_the_summed_reverse_kl_and_pulls_the_policy_back_to_pi0(st
         return kl.reverse_kl(vla.action_logits(base, ids, pixels, tokens).detach(),
                              vla.action_logits(model, ids, pixels, tokens)).sum()
     before = summed_reverse_kl()
-    (0.5 * before / 2).backward()  # kl_coef 0.5, B = 2 episodes
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    (0.002 * before / 2).backward()  # kl_coef 0.002, B = 2 episodes
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) < 1.0  # the clip would hide a wrong scale
     manual = model.projector[0].weight.grad.clone()
     model.zero_grad()
     episodes = [list(zip(images[:2], tokens[:2])), list(zip(images[2:], tokens[2:]))]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03)
     vla.rl_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-                INSTRUCTION, episodes, torch.zeros(2), base_model=base, kl_coef=0.5, minibatch=4)
-    torch.testing.assert_close(model.projector[0].weight.grad, manual, atol=1e-6, rtol=1e-4)
+                INSTRUCTION, episodes, torch.zeros(2), base_model=base, kl_coef=0.002, minibatch=4)
+    torch.testing.assert_close(model.projector[0].weight.grad, manual, atol=1e-8, rtol=1e-4)
     assert float(summed_reverse_kl()) < float(before)
 
 
@@ -309,6 +316,480 @@ def test_bad_arguments_exit_with_a_message(capsys):
     assert "--lr must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         vla.parse_args(["--method", "study", "--lr", "1e-4"])
+
+
+# ---------------------------------------------------------------- the wiring the claims rest on (no simulator)
+# Which policy acts, on which observations, which divergence is recorded under which name, each arm's data
+# and advantages, each flag. Hand-made logits and a fake simulator (FakeSimulator): fast, and exact where
+# ManiSkill's episodes would be slow.
+
+
+class FixedPolicy(torch.nn.Module):
+    """OpenVLA's output layout (the full 32000-id vocabulary, none of the stand-in's shortcuts) with known
+    next-token logits: at action position k, ids 31744 + k, + 10 + k and + 100 + k have probabilities 0.6, 0.3
+    and 0.1 among the 256 action ids, and every other id has a higher logit than any action id."""
+
+    def __init__(self, prompt_length):
+        super().__init__()
+        self.prompt_length = prompt_length
+        self.config = SimpleNamespace(model_type="fixed")
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def restricted_logits(k):
+        logits = torch.full((256,), -30.0)
+        logits[[k, 10 + k, 100 + k]] = torch.tensor([0.6, 0.3, 0.1]).log()
+        return logits
+
+    def forward(self, input_ids, pixel_values, **kwargs):
+        assert not kwargs  # OpenVLA's forward knows no logits_to_keep / action_ids_only
+        length = input_ids.shape[1]
+        logits = torch.full((length, 32000), 5.0)
+        for j in range(length):  # position j predicts action token j - prompt_length + 1
+            logits[j, 31744:] = self.restricted_logits(min(max(j - self.prompt_length + 1, 0), 6))
+        return SimpleNamespace(logits=logits.expand(input_ids.shape[0], length, 32000))
+
+
+def test_sampling_draws_each_token_from_the_256_action_ids_renormalised_at_temperature_1():
+    model = FixedPolicy(prompt_length=3)
+    tokens = vla.sample_action_tokens(model, torch.ones(4000, 3, dtype=torch.long), None,
+                                      torch.Generator().manual_seed(0))
+    assert tokens.shape == (4000, 7)
+    for k in range(7):
+        shares = [float((tokens[:, k] == 31744 + i).float().mean()) for i in (k, 10 + k, 100 + k)]
+        np.testing.assert_allclose(shares, [0.6, 0.3, 0.1], atol=0.03)  # 4000 draws: standard error <= 0.008
+    greedy = vla.sample_action_tokens(model, torch.ones(2, 3, dtype=torch.long), None, greedy=True)
+    assert greedy.tolist() == [[31744 + k for k in range(7)]] * 2
+
+
+def test_teacher_forced_logits_and_step_logprob_on_openvlas_output_layout():
+    model = FixedPolicy(prompt_length=3)
+    tokens = torch.tensor([[31744 + k for k in range(7)], [31744 + (k, 10 + k, 100 + k)[k % 3] for k in range(7)]])
+    logits = vla.action_logits(model, torch.ones(2, 3, dtype=torch.long), None, tokens)
+    expected = torch.stack([FixedPolicy.restricted_logits(k) for k in range(7)])
+    torch.testing.assert_close(logits, expected.expand(2, 7, 256))
+    logp = vla.step_logprobs(model, torch.ones(2, 3, dtype=torch.long), None, tokens)
+    manual = sum(torch.distributions.Categorical(logits=expected[k]).log_prob(tokens[:, k] - 31744) for k in range(7))
+    torch.testing.assert_close(logp, manual)
+    assert float(logp[0]) == pytest.approx(7 * np.log(0.6), rel=1e-5)  # the 7 tokens' log-probs summed
+
+
+def test_teacher_forcing_matches_decoding_token_by_token_at_all_7_positions(stand_in, batch, monkeypatch):
+    """Position k's logits are the next-token logits after the prompt and the first k action tokens; the same
+    through the full-vocabulary path that OpenVLA takes (no stand-in shortcuts)."""
+    model, processor = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, batch[0][:3])
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, tokens)
+        for k in range(7):
+            step = model(input_ids=torch.cat([ids, tokens[:, :k]], 1), pixel_values=pixels).logits[:, -1, 31744:]
+            torch.testing.assert_close(logits[:, k], step, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(vla, "_last", lambda model, n: {})
+        torch.testing.assert_close(vla.action_logits(model, ids, pixels, tokens), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_kl_is_forward_kl_from_pi0_per_dimension_averaged_over_observations(stand_in, batch):
+    """forward_kl_on_states = E_o KL(pi0(.|o) || pi(.|o)) at each of the 7 positions, against
+    torch.distributions, with a hand-made pi0 and batches that do not divide the observations."""
+    model, processor = vla.load_policy(stand_in)
+    images = batch[0]
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, images)
+    tokens = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(0))
+    base = 2 * torch.randn(6, 7, 256, generator=torch.Generator().manual_seed(1))
+    states = dict(images=np.stack(images), tokens=tokens, base_logits=base)
+    per_dim = vla.forward_kl_on_states(model, processor, states, INSTRUCTION, batch=4)
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, tokens)
+    pi0, pi = torch.distributions.Categorical(logits=base), torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(per_dim, torch.distributions.kl_divergence(pi0, pi).mean(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(per_dim, torch.distributions.kl_divergence(pi, pi0).mean(0), rtol=0.05)
+
+
+def test_a_step_of_sft_is_cross_entropy_on_the_action_ids_with_the_gradient_clipped_to_1(stand_in, batch):
+    model, processor = vla.load_policy(stand_in)
+    images, tokens = batch
+    reference, _ = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, reference, INSTRUCTION, images)
+    loss = torch.nn.functional.cross_entropy(vla.action_logits(reference, ids, pixels, tokens).reshape(-1, 256),
+                                             (tokens - 31744).reshape(-1))
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0) > 1.0  # the clip is active here
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    got = vla.sft_step(model, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                       INSTRUCTION, images, tokens)
+    assert got == pytest.approx(float(loss), rel=1e-5)
+    step = reference.projector[0].weight.detach() - model.projector[0].weight.detach()  # SGD, lr 1: the gradient
+    torch.testing.assert_close(step, reference.projector[0].weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_optimizer_is_adamw_without_weight_decay_and_a_linear_warmup_to_the_given_lr():
+    optimizer, scheduler = vla.make_optimizer(torch.nn.Linear(2, 2), 3e-4, warmup=3)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(lrs, [0.75e-4, 1.5e-4, 2.25e-4, 3e-4, 3e-4, 3e-4])
+
+
+def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(stand_in, batch):
+    open_, closed = vla.to_env_action(np.r_[np.zeros(6), 1.0]), vla.to_env_action(np.r_[np.zeros(6), 0.0])
+    assert open_[6] == 1.0 and closed[6] == -1.0  # OpenVLA: 1 = open; ManiSkill: +1 = open
+    np.testing.assert_allclose(vla.to_policy_action(vla.to_env_action(np.r_[0.1, -0.2, 0.3, 0, 0, 0, 0.0])),
+                               [0.1, -0.2, 0.3, 0, 0, 0, 0.0], atol=1e-7)
+    model, processor = vla.load_policy(stand_in)
+    stats = dict(action=dict(q01=[-0.1] * 7, q99=[0.3] * 7, min=[-1] * 7, max=[1] * 7, mask=[True] * 6 + [False]))
+    env_action, tokens = vla.model_policy(model, processor, INSTRUCTION, stats, greedy=True)(batch[0][0])
+    ids, pixels = vla.encode(processor, model, INSTRUCTION, batch[0][:1])
+    assert torch.equal(tokens, vla.sample_action_tokens(model, ids, pixels, greedy=True)[0])
+    expected = vla.unnormalize_actions(vla.tokens_to_actions(tokens.numpy()), stats)
+    np.testing.assert_allclose(env_action, vla.to_env_action(expected), atol=1e-6)
+
+
+def test_the_defaults_are_the_documented_design():
+    """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 4 episodes per iteration, 16 iterations, KL
+    coefficient 0.1 (Fig. 3), 4 samples per position, 3 SFT epochs of 32 frames, 100 evaluation episodes."""
+    args = vla.parse_args(["--method", "grpo"])
+    assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
+    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 3, 32, 100)
+    assert (args.env, args.prior_envs) == ("PickCube-v1", ["PushCube-v1", "PullCube-v1"])
+    assert (args.horizon, args.eval_points) == (20, 4)
+    assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
+        "grpo": ("rl", 3e-4), "reinforce": ("rl", 3e-4), "grpo-kl": ("rl", 3e-4),
+        "sft-demonstrator": ("sft", 1e-4), "sft-pi0": ("sft", 1e-4), "sft-rl": ("sft", 1e-4)}
+    assert args.grpo_lr == vla.ARMS["grpo"][2]
+
+
+def test_the_law_fits_prior_task_mean_against_forward_kl():
+    rows = _rows()
+    kls, prior, _ = vla.law_points(rows)
+    points = rows[:1] + rows[1:]
+    assert kls.tolist() == [r["forward_kl"] for r in points] and prior.tolist() == [r["prior_mean"] for r in points]
+
+
+# A fake simulator: images are a fixed function of (task, start, step); scripted demonstrators always succeed;
+# a policy's episode succeeds by a rule of its tokens (or a rule a test sets). Every episode is logged.
+
+def pi0_expert(env):
+    return np.r_[0.5, 0.0, -0.5, 0, 0, 0, 1.0]
+
+
+def other_demonstrator(env):
+    return np.r_[-0.9, 0.9, 0.9, 0, 0, 0, -1.0]
+
+
+class FakeSimulator:
+    def __init__(self):
+        self.calls = []
+        self.success = self.by_tokens
+
+    @staticmethod
+    def by_tokens(env_id, start, records):
+        first = records[0][1]
+        if not torch.is_tensor(first):  # a scripted demonstrator
+            return True
+        return int(first[["PickCube-v1", "PushCube-v1", "PullCube-v1"].index(env_id)]) % 2 == 0
+
+    def make_env(self, env_id, image_size, horizon, camera=vla.CAMERA):
+        return SimpleNamespace(settings=dict(env_id=env_id, image_size=image_size, horizon=horizon, camera=camera))
+
+    def run_episode(self, env, env_id, start, horizon, act):
+        assert env.settings["env_id"] == env_id
+        records = []
+        for t in range(horizon):
+            seed = zlib.crc32(repr((env_id, start, t)).encode())
+            size = env.settings["image_size"]
+            image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            records.append((image, act(image)[1]))
+        success = bool(self.success(env_id, start, records))
+        self.calls.append(dict(env_id=env_id, start=start, horizon=horizon, records=records, success=success))
+        return records, success
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    fake = FakeSimulator()
+    monkeypatch.setattr(vla, "make_env", fake.make_env)
+    monkeypatch.setattr(vla, "run_episode", fake.run_episode)
+    monkeypatch.setitem(vla.TASKS["PickCube-v1"], "expert", pi0_expert)
+    monkeypatch.setattr(vla, "motion_planning_demonstrator", other_demonstrator)
+    return fake
+
+
+def tiny_args(stand_in, *extra):
+    return vla.parse_args(["--model", stand_in, "--image-size", "32", "--horizon", "2", "--grid", "2",
+                           "--eval-episodes", "3", "--kl-episodes", "2", "--eval-points", "2", "--iterations", "2",
+                           "--states-per-iter", "2", "--group-size", "2", "--samples-per-position", "2",
+                           "--batch-size", "4", "--sft-epochs", "1", *extra])
+
+
+def greedy_tokens(model, processor, image, instruction=INSTRUCTION):
+    ids, pixels = vla.encode(processor, model, instruction, [image])
+    return vla.sample_action_tokens(model, ids, pixels, greedy=True)[0]
+
+
+def moved(stand_in, scale=0.3):
+    model, _ = vla.load_policy(stand_in)
+    with torch.no_grad():
+        weight = model.projector[0].weight
+        weight.add_(scale * torch.randn(weight.shape, generator=torch.Generator().manual_seed(9)))
+    return model
+
+
+def test_kl_observations_are_pi0s_sampled_new_task_episodes_with_prefixes_sampled_from_pi0(stand_in, sim, tmp_path):
+    args = tiny_args(stand_in, "--method", "grpo")
+    setup = vla.load_setup(args, tmp_path)
+    pi0, processor = setup["model"], setup["processor"]
+    kl_calls = sim.calls[:args.kl_episodes]  # the KL observations come first, then pi0's evaluation
+    assert [(c["env_id"], c["start"], c["horizon"]) for c in kl_calls] == [
+        ("PickCube-v1", (vla.SEEDS["kl"] + i, None), args.horizon) for i in range(args.kl_episodes)]
+    images = [image for c in kl_calls for image, _ in c["records"]]
+    states = setup["kl_states"]
+    assert np.array_equal(states["images"], np.stack(images))
+    greedy = torch.stack([greedy_tokens(pi0, processor, image) for image in images])
+    acted = torch.stack([tokens for c in kl_calls for _, tokens in c["records"]])
+    assert (acted == greedy).float().mean() < 0.5 and (states["tokens"] == greedy).float().mean() < 0.5  # sampled
+    ids, pixels = vla.encode(processor, pi0, INSTRUCTION, images)
+    with torch.no_grad():
+        torch.testing.assert_close(states["base_logits"], vla.action_logits(pi0, ids, pixels, states["tokens"]))
+    base = vla.read_results(tmp_path / "results.jsonl")[0]
+    assert base["run"] == "base" and base["forward_kl"] == 0.0 and base["forward_kl_per_dim"] == [0.0] * 7
+
+
+def test_a_point_records_greedy_success_per_task_and_the_forward_kl_of_the_model_it_is_given(stand_in, sim, tmp_path):
+    args = tiny_args(stand_in, "--method", "grpo", "--eval-episodes", "6")
+    every = {"PickCube-v1": 2, "PushCube-v1": 3, "PullCube-v1": 6}
+    sim.success = lambda env_id, start, records: start[0] % every[env_id] == 0
+    setup = vla.load_setup(args, tmp_path)
+    model = moved(stand_in)
+    sim.calls.clear()
+    record = vla.evaluate_point(model, setup["processor"], setup, args)
+    starts = vla.evaluation_starts(args)
+    assert starts == [(vla.SEEDS["eval"] + i, None) for i in range(6)]
+    assert [(c["env_id"], c["start"], c["horizon"]) for c in sim.calls] == [
+        (e, s, args.horizon) for e in ("PickCube-v1", "PushCube-v1", "PullCube-v1") for s in starts]
+    for c in sim.calls[::5]:  # greedy actions of the model under evaluation, with each task's instruction
+        instruction = vla.task_info(c["env_id"])["instruction"]
+        image, tokens = c["records"][0]
+        assert torch.equal(tokens, greedy_tokens(model, setup["processor"], image, instruction))
+    # seeds 10000..10005: PickCube succeeds on even seeds (3 of 6), PushCube on multiples of 3 (2), PullCube of 6 (1)
+    assert record["new_task"] == "PickCube-v1" and record["new_success"] == pytest.approx(0.5)
+    assert record["prior_success"] == pytest.approx({"PushCube-v1": 2 / 6, "PullCube-v1": 1 / 6})
+    assert record["prior_mean"] == pytest.approx(0.25)
+    assert record["outcomes"]["PullCube-v1"] == [0, 0, 1, 0, 0, 0]
+    states = setup["kl_states"]
+    ids, pixels = vla.encode(setup["processor"], model, INSTRUCTION, list(states["images"]))
+    with torch.no_grad():
+        logits = vla.action_logits(model, ids, pixels, states["tokens"])
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=states["base_logits"]),
+                                                 torch.distributions.Categorical(logits=logits)).mean(0)
+    np.testing.assert_allclose(record["forward_kl_per_dim"], expected.numpy(), rtol=1e-4)
+    assert record["forward_kl"] == pytest.approx(float(expected.sum()), rel=1e-4) and record["forward_kl"] > 0.01
+    assert record["kl_states"] == len(states["tokens"]) == args.kl_episodes * args.horizon
+    # pi0 itself: exactly zero KL, and the base point's success (no forgetting)
+    again = vla.evaluate_point(setup["model"], setup["processor"], setup, args)
+    assert again["forward_kl"] == 0.0 and again["forward_kl_per_dim"] == [0.0] * 7
+
+
+@pytest.mark.parametrize("arm", ["grpo", "reinforce", "grpo-kl"])
+def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_advantages(stand_in, sim, monkeypatch,
+                                                                                           arm):
+    args = vla.parse_args(["--method", arm, "--model", stand_in, "--grid", "3", "--states-per-iter", "2",
+                           "--group-size", "3", "--horizon", "2", "--kl-coef", "0.37", "--image-size", "32"])
+    pi0, processor = vla.load_policy(stand_in)
+    model = moved(stand_in)
+    setup = dict(model=pi0, processor=processor, stats=pi0.norm_stats["maniskill"],
+                 envs={"PickCube-v1": sim.make_env("PickCube-v1", 32, 2)})
+    updates = []
+    signature = inspect.signature(vla.rl_step)
+    monkeypatch.setattr(vla, "rl_step", lambda *a, **k: updates.append(signature.bind(*a, **k).arguments))
+    outcomes = iter([1, 0, 0, 1, 1, 0])
+    sim.success = lambda env_id, start, records: next(outcomes)
+    mean_reward = vla.rl_iteration(args, arm, model, setup, None, None, torch.Generator().manual_seed(7),
+                                   np.random.default_rng(0))
+    assert mean_reward == pytest.approx(0.5)
+    starts = [c["start"] for c in sim.calls]
+    assert len(starts) == 6 and starts[0] == starts[1] == starts[2] != starts[3] == starts[4] == starts[5]
+    assert set(starts) <= set(vla.training_grid(3))
+    assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == 2 for c in sim.calls)
+    replay = torch.Generator().manual_seed(7)  # on-policy: the fine-tuned model's temperature-1 samples
+    for c in sim.calls:
+        for image, tokens in c["records"]:
+            ids, pixels = vla.encode(processor, model, INSTRUCTION, [image])
+            assert torch.equal(tokens, vla.sample_action_tokens(model, ids, pixels, replay)[0])
+    (update,) = updates
+    assert update["model"] is model and update["instruction"] == INSTRUCTION
+    assert update["episodes"] == [c["records"] for c in sim.calls]
+    rewards = np.array([[1.0, 0, 0], [1, 1, 0]])
+    if arm == "reinforce":
+        expected = rewards.flatten()  # 1-0 REINFORCE: advantage = reward
+    else:  # (r - mean) / std within the group of one position, std without Bessel's correction
+        expected = ((rewards - rewards.mean(1, keepdims=True)) / rewards.std(1, keepdims=True)).flatten()
+    np.testing.assert_allclose(update["advantages"].numpy(), expected, rtol=1e-5)
+    if arm == "grpo-kl":
+        assert update["kl_coef"] == 0.37 and update["base_model"] is pi0
+    else:
+        assert update.get("kl_coef", 0.0) == 0.0
+    sim.success = lambda env_id, start, records: False
+    sim.calls.clear()
+    args.grid, args.states_per_iter, args.group_size, args.horizon = 2, 4, 1, 1
+    vla.rl_iteration(args, arm, model, setup, None, None, torch.Generator(), np.random.default_rng(1))
+    assert len(updates) == 1  # every group tied: no update
+    assert sorted(c["start"] for c in sim.calls) == vla.training_grid(2)  # positions drawn without replacement
+
+
+@pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
+def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, arm):
+    """sft-demonstrator: the other demonstrator's episode at each grid position; sft-pi0: pi0's own sampled
+    episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the finished
+    GRPO run of the same seed."""
+    args = tiny_args(stand_in, "--method", arm, "--samples-per-position", "3", "--grpo-lr", "0.002")
+    pi0, processor = vla.load_policy(stand_in)
+    setup = dict(model=pi0, processor=processor, stats=pi0.norm_stats["maniskill"],
+                 envs={"PickCube-v1": sim.make_env("PickCube-v1", 32, 2)}, policy_key=vla.model_fingerprint(stand_in))
+    rollouts = []
+    original = vla.successful_rollouts
+    monkeypatch.setattr(vla, "successful_rollouts", lambda model, *a: rollouts.append(model) or original(model, *a))
+    if arm == "sft-rl":
+        with pytest.raises(SystemExit, match="run it first"):
+            vla.sft_dataset(args, arm, 1, setup, tmp_path)
+        rl_model = moved(stand_in)
+        (tmp_path / "ckpt").mkdir()
+        for seed, weights in ((0, pi0), (1, rl_model), (2, rl_model)):  # seed 0's run: not seed 1's to imitate
+            torch.save(dict(model=weights.state_dict(), step=args.iterations, wall=1.0),
+                       tmp_path / "ckpt" / f"grpo_lr0.002_seed{seed}.pt")
+    grid = vla.training_grid(2)
+    if arm == "sft-demonstrator":  # a demonstration that fails is not imitated
+        sim.success = lambda env_id, start, records: start != grid[0]
+    episodes = vla.sft_dataset(args, arm, 1, setup, tmp_path)
+    assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == args.horizon for c in sim.calls)
+    if arm == "sft-demonstrator":
+        assert [c["start"] for c in sim.calls] == grid and not rollouts
+        images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
+        action = vla.to_policy_action(other_demonstrator(None))
+        expected = vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"]))
+        assert not np.array_equal(expected, vla.actions_to_tokens(action))  # the normalisation matters here
+        assert len(episodes) == 3 and [e["start"] for e in episodes] == grid[1:]
+        assert len(tokens) == 3 * args.horizon and (tokens.numpy() == expected).all()
+        return
+    assert sorted(c["start"] for c in sim.calls) == sorted(grid * 3)
+    kept = [c for c in sim.calls if c["success"]]
+    assert 0 < len(kept) < len(sim.calls) and len(episodes) == len(kept)
+    for episode, c in zip(episodes, kept):
+        assert episode["start"] == c["start"]
+        assert torch.equal(episode["tokens"], torch.stack([tokens for _, tokens in c["records"]]))
+    images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
+    assert torch.equal(tokens, torch.cat([e["tokens"] for e in episodes]))  # sampled tokens, imitated as they are
+    greedy = torch.stack([greedy_tokens(rollouts[0], processor, image) for c in sim.calls for image, _ in c["records"]])
+    assert (torch.stack([t for c in sim.calls for _, t in c["records"]]) == greedy).float().mean() < 0.5  # sampled
+    (policy,) = rollouts
+    source = pi0 if arm == "sft-pi0" else rl_model
+    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), source.state_dict().values()))
+    other_seed = vla.sft_dataset(args, arm, 2, setup, tmp_path)  # each fine-tuning seed draws its own samples
+    assert [e["start"] for e in other_seed] != [e["start"] for e in episodes] or not all(
+        torch.equal(a["tokens"], b["tokens"]) for a, b in zip(other_seed, episodes))
+
+
+def test_an_rl_run_measures_the_fine_tuned_model_and_honours_its_flags(stand_in, sim, tmp_path, monkeypatch):
+    args = tiny_args(stand_in, "--method", "grpo-kl", "--iterations", "4", "--eval-points", "3", "--lr", "0.002",
+                     "--states-per-iter", "3", "--group-size", "2", "--warmup-steps", "1")
+    setup = vla.load_setup(args, tmp_path)
+    optimizers = []
+    original = vla.make_optimizer
+    monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1:]) or original(*a))
+    sim.calls.clear()
+    vla.finetune(args, "grpo-kl", 0.002, 0, setup, tmp_path)
+    assert optimizers == [(0.002, 1)]
+    rl_calls = [c for c in sim.calls if c["start"][0] < vla.SEEDS["eval"]]
+    assert len(rl_calls) == 4 * 3 * 2  # iterations x states per iteration x group size
+    base, *rows = vla.read_results(tmp_path / "results.jsonl")
+    assert {(r["run"], r["arm"], r["lr"], r["seed"]) for r in rows} == {("grpo-kl_lr0.002_seed0", "grpo-kl", 0.002, 0)}
+    assert [(r["step"], r["fraction"], r["episodes_seen"]) for r in rows] == [(2, 0.5, 12), (4, 1.0, 24)]
+    fresh, _ = vla.load_policy(stand_in)
+    assert all(torch.equal(a, b) for a, b in zip(setup["model"].state_dict().values(), fresh.state_dict().values()))
+    vla.load_checkpoint(tmp_path / "ckpt" / "grpo-kl_lr0.002_seed0.pt", fresh, *original(fresh, 1.0, 0),
+                        torch.Generator(), np.random.default_rng())
+    record = vla.evaluate_point(fresh, setup["processor"], setup, args)  # the last point, measured again
+    assert rows[-1]["forward_kl"] > 0 and rows[-1]["forward_kl"] == pytest.approx(record["forward_kl"], rel=1e-5)
+    assert rows[-1]["outcomes"] == record["outcomes"] and rows[-1]["prior_mean"] == record["prior_mean"]
+
+
+def test_an_sft_run_takes_sft_epochs_of_batches_of_its_data(stand_in, sim, tmp_path, monkeypatch):
+    args = tiny_args(stand_in, "--method", "sft-demonstrator", "--sft-epochs", "2", "--batch-size", "3",
+                     "--lr", "0.003")
+    setup = vla.load_setup(args, tmp_path)
+    batches, optimizers = [], []
+    sft_step, make_optimizer = vla.sft_step, vla.make_optimizer
+    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[5:]) or sft_step(*a))
+    monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1]) or make_optimizer(*a))
+    vla.finetune(args, "sft-demonstrator", 0.003, 0, setup, tmp_path)
+    assert optimizers == [0.003]
+    demos = [c for c in sim.calls if c["start"] in vla.training_grid(2)]
+    frames = {image.tobytes() for c in demos for image, _ in c["records"]}
+    assert len(frames) == 8 and len(batches) == 2 * 3  # 8 frames, batches of 3: 3 per epoch
+    epochs = [[image.tobytes() for images, _ in epoch for image in images] for epoch in (batches[:3], batches[3:])]
+    assert all(sorted(seen) == sorted(frames) for seen in epochs)  # every frame once per epoch
+    assert epochs[0] != epochs[1]  # in a fresh order
+    action = vla.to_policy_action(other_demonstrator(None))
+    expected = torch.as_tensor(vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"])))
+    assert all((tokens == expected).all() for _, tokens in batches)
+    rows = vla.read_results(tmp_path / "results.jsonl")
+    assert rows[-1]["step"] == 6 and rows[-1]["lr"] == 0.003 and rows[-1]["forward_kl"] > 0
+
+
+def test_a_run_that_never_updates_has_kl_exactly_0_and_forgets_nothing(stand_in, sim, tmp_path):
+    """No new-task success: every GRPO group ties, no step is taken, and every point equals pi0's."""
+    sim.success = lambda env_id, start, records: env_id != "PickCube-v1" and start[0] % 2 == 0
+    vla.main(["--method", "grpo", "--model", stand_in, "--out-dir", str(tmp_path), "--image-size", "32",
+              "--horizon", "2", "--grid", "2", "--eval-episodes", "4", "--kl-episodes", "2", "--eval-points", "3",
+              "--iterations", "2", "--states-per-iter", "2", "--group-size", "2", "--lr", "0.002", "--seeds", "3"])
+    base, *rows = vla.read_results(tmp_path / "results.jsonl")
+    assert len(rows) == 2 and base["prior_mean"] == 0.5
+    assert {(r["run"], r["lr"], r["seed"]) for r in rows} == {("grpo_lr0.002_seed3", 0.002, 3)}
+    for row in rows:
+        assert row["forward_kl"] == 0.0 and row["forward_kl_per_dim"] == [0.0] * 7
+        assert base["prior_mean"] - row["prior_mean"] == 0.0 and row["outcomes"] == base["outcomes"]
+
+
+def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and_prompt_per_batch(sim, tmp_path,
+                                                                                                   monkeypatch):
+    experts = {"PickCube-v1": pi0_expert, "PushCube-v1": lambda env: np.r_[0.2, 0, 0, 0, 0, 0, -1.0],
+               "PullCube-v1": lambda env: np.r_[-0.2, 0, 0, 0, 0, 0, -1.0]}
+    for env_id, expert in experts.items():
+        monkeypatch.setitem(vla.TASKS[env_id], "expert", expert)
+    batches = []
+    sft_step = vla.sft_step
+    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[4:]) or sft_step(*a))
+    args = vla.parse_args(["--method", "bc", "--out-dir", str(tmp_path), "--image-size", "32", "--horizon", "2",
+                           "--prior-demos", "3", "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
+    vla.behaviour_clone(args, tmp_path)
+    starts = {e: [c["start"] for c in sim.calls if c["env_id"] == e] for e in experts}
+    assert starts == {"PickCube-v1": [(vla.SEEDS["base_new_demos"] + i, None) for i in range(2)],
+                      "PushCube-v1": [(vla.SEEDS["prior_demos"] + i, None) for i in range(3)],
+                      "PullCube-v1": [(vla.SEEDS["prior_demos"] + i, None) for i in range(3)]}
+    actions = {e: vla.to_policy_action(expert(None)) for e, expert in experts.items()}
+    stats = vla.load_policy(str(tmp_path / "base"))[0].norm_stats["maniskill"]  # pi0's statistics: every demo
+    all_actions = np.concatenate([np.tile(actions[e], (len(starts[e]) * args.horizon, 1)) for e in experts])
+    assert stats == vla.action_stats(all_actions)
+    tokens_of = {e: vla.actions_to_tokens(vla.normalize_actions(a, stats)).tolist() for e, a in actions.items()}
+    assert len(batches) == 12 and all(len(tokens) == 2 for _, _, tokens in batches)
+    tasks = set()
+    for instruction, _, tokens in batches:  # one task per batch, under that task's instruction
+        (env_id,) = [e for e in experts if tokens.tolist() == [tokens_of[e]] * 2]
+        assert instruction == vla.TASKS[env_id]["instruction"]
+        tasks.add(env_id)
+    assert tasks == set(experts)
+
+
+def test_encode_gives_the_prompt_with_bos_and_the_space_token_openvla_ends_it_with(stand_in, batch):
+    model, processor = vla.load_policy(stand_in)
+    ids, pixels = vla.encode(processor, model, "Pick Up the Cube", batch[0][:2])
+    text = processor.tokenizer(vla.prompt_for("pick up the cube"))["input_ids"]
+    assert ids.tolist() == [text + [29871]] * 2 and text[0] == 1 and text[-1] != 29871
+    expected = torch.as_tensor(np.stack(batch[0][:2])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(pixels, expected)
 
 
 # ---------------------------------------------------------------- ManiSkill3 (needs a Vulkan device)
