@@ -492,8 +492,10 @@ class FakeSimulator:
             return True
         return int(first[["PickCube-v1", "PushCube-v1", "PullCube-v1"].index(env_id)]) % 2 == 0
 
-    def make_env(self, env_id, image_size, horizon, camera=vla.CAMERA):
-        return SimpleNamespace(settings=dict(env_id=env_id, image_size=image_size, horizon=horizon, camera=camera))
+    def make_env(self, env_id, image_size, horizon, camera=vla.CAMERA, num_envs=1):
+        assert num_envs == 1  # the stand-in's CPU path: one episode after another
+        return SimpleNamespace(settings=dict(env_id=env_id, image_size=image_size, horizon=horizon, camera=camera),
+                               unwrapped=SimpleNamespace(num_envs=num_envs))
 
     def run_episode(self, env, env_id, start, horizon, act):
         assert env.settings["env_id"] == env_id
@@ -722,7 +724,7 @@ def test_an_sft_run_takes_sft_epochs_of_batches_of_its_data(stand_in, sim, tmp_p
     setup = vla.load_setup(args, tmp_path)
     batches, optimizers = [], []
     sft_step, make_optimizer = vla.sft_step, vla.make_optimizer
-    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[5:]) or sft_step(*a))
+    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[5:7]) or sft_step(*a))
     monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1]) or make_optimizer(*a))
     vla.finetune(args, "sft-demonstrator", 0.003, 0, setup, tmp_path)
     assert optimizers == [0.003]
