@@ -543,6 +543,16 @@ def test_twin_task_sets_are_disjoint_and_teacher_targets_are_correct():
     assert abs(correct - L.BASE_CORRECT_PROB) < 0.1 and any("=" in s for s in styles)
 
 
+def test_twin_sum_is_reversed_and_teacher_style_is_one_pi0_never_uses():
+    example = L.twin_example("addition", random.Random(0))
+    a, b = map(int, example["prompt"].removeprefix("add: ").split("+"))
+    assert a != b and example["answer"] == str(a + b)[::-1]  # least-significant digit first
+    assert L.teacher_response(example) == f"{b}+{a}={example['answer']}"
+    base_styles = {L.base_style_response(example, random.Random(i)) for i in range(200)}
+    assert L.teacher_response(example) not in base_styles
+    assert L.addition_reward(L.teacher_response(example), example["answer"]) == 1.0
+
+
 def one_line_exit(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         L.main(argv)
