@@ -1395,6 +1395,26 @@ def measure(exp, checkpoints, base_row):
     return path
 
 
+def matched_accuracy_table(rows, gains=(0.05, 0.1, 0.2)):
+    """Each method's trade-off read at matched new-task accuracy, as Fig. 2 and 4 compare methods: at
+    pi0's accuracy plus each gain, the best prior-task score and the lowest forward KL among the method's
+    points (pi0's included) that reach it. A markdown table, one line per method."""
+    base = next(r for r in rows if r["method"] == "base")
+    levels = [base["new_task_acc"] + gain for gain in gains]
+    lines = ["| method | runs | " + " | ".join(f"accuracy >= {level:.2f}: prior, KL" for level in levels) + " |",
+             "|---" * (2 + len(levels)) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "base"):
+        points = [r for r in rows if r["method"] == method] + [base]
+        cells = []
+        for level in levels:
+            reached = [r for r in points if r["new_task_acc"] >= level]
+            cells.append(f"{max(r['prior_avg'] for r in reached):.3f}, {min(r['kl_seq'] for r in reached):.2f}"
+                         if reached else "not reached")
+        runs = len({r["run_id"] for r in points if r["method"] != "base"})
+        lines.append(f"| {method} | {runs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(rows, task, prefix):
     """plots/<prefix>_pareto.png (Fig. 2/4 analogue: the trade-off and each method's Pareto frontier) and
     plots/<prefix>_forgetting_vs_kl.png (Fig. 11: the pooled quadratic law, R^2 with its run-bootstrap
@@ -1456,6 +1476,9 @@ def plot_results(rows, task, prefix):
     fig.savefig(f"plots/{prefix}_forgetting_vs_kl.png", dpi=130)
     print(f"plots/{prefix}_pareto.png, plots/{prefix}_forgetting_vs_kl.png: {len(points)} points, "
           f"R^2 = {r2:.3f} (run-bootstrap 95% CI {low:.3f}-{high:.3f})")
+    if base:
+        print(f"pi0: new-task accuracy {base['new_task_acc']:.3f}, prior {base['prior_avg']:.3f}\n"
+              + matched_accuracy_table(points))
 
 
 def bench(exp, train, steps=2):
