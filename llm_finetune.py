@@ -301,7 +301,10 @@ def twin_example(task, rng):
     adds two 2-digit numbers."""
     if task == "addition":
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return {"prompt": f"add: {a}+{b}", "answer": str(a + b)}
+        # The sum is written least-significant digit first (57+86 -> "341"), the order in which a small
+        # transformer computes carries (Lee et al., 2023, "Teaching Arithmetic to Small Transformers"):
+        # pi0 answers 0.94 of the test prompts right when greedy, against 0.16 with the usual order.
+        return {"prompt": f"add: {a}+{b}", "answer": str(a + b)[::-1]}
     s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*PRIOR_LENGTHS)))
     answer = {"copy": s, "reverse": s[::-1], "sort": "".join(sorted(s))}[task]
     return {"prompt": f"{task}: {s}", "answer": answer}
@@ -317,18 +320,19 @@ def corrupt_number(number, rng):
 
 def base_style_response(example, rng):
     """How pi0 learned to answer additions: a noisy source (right half the time, else one digit
-    off) in two styles, "143" or "57+86=143". So pi0 has partial skill and several correct
-    responses per prompt, like a base LLM."""
+    off) in two styles, the bare sum "341" or the sum after the sum written out, "57+86=341". So pi0 has
+    partial skill and several correct responses per prompt, like a base LLM."""
     total = example["answer"] if rng.random() < BASE_CORRECT_PROB else corrupt_number(example["answer"], rng)
     return total if rng.random() < 0.5 else f"{example['prompt'].split(': ')[1]}={total}"
 
 
 def teacher_response(example, total=None):
-    """The SFT target for the twin: the correct sum, always in the terse style ("143"). pi0 answers in
-    two styles; a teacher that uses one of them is an external labeling like ParityMNIST's "SFT dist. 1"
-    (§3.4), and as DeepSeek-R1 / GPT-4o chains are for Qwen (§6.1): correct, but not pi0's distribution.
-    With a wrong `total`: SimPO's rejected response."""
-    return total or example["answer"]
+    """The SFT target for the twin: the correct sum, written out with the operands swapped ("86+57=341"),
+    a style pi0 never uses: correct labels far from pi0's distribution, as DeepSeek-R1 / GPT-4o chains
+    are for Qwen (§6.1) and as ParityMNIST's "SFT dist. 1" (§3.4) is. With a wrong `total`: SimPO's
+    rejected response."""
+    a, b = example["prompt"].split(": ")[1].split("+")
+    return f"{b}+{a}={total or example['answer']}"
 
 
 def twin_new_task(num_train, num_test, num_kl, rng):
@@ -1391,6 +1395,26 @@ def measure(exp, checkpoints, base_row):
     return path
 
 
+def matched_accuracy_table(rows, gains=(0.05, 0.1, 0.2)):
+    """Each method's trade-off read at matched new-task accuracy, as Fig. 2 and 4 compare methods: at
+    pi0's accuracy plus each gain, the best prior-task score and the lowest forward KL among the method's
+    points (pi0's included) that reach it. A markdown table, one line per method."""
+    base = next(r for r in rows if r["method"] == "base")
+    levels = [base["new_task_acc"] + gain for gain in gains]
+    lines = ["| method | runs | " + " | ".join(f"accuracy >= {level:.2f}: prior, KL" for level in levels) + " |",
+             "|---" * (2 + len(levels)) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "base"):
+        points = [r for r in rows if r["method"] == method] + [base]
+        cells = []
+        for level in levels:
+            reached = [r for r in points if r["new_task_acc"] >= level]
+            cells.append(f"{max(r['prior_avg'] for r in reached):.3f}, {min(r['kl_seq'] for r in reached):.2f}"
+                         if reached else "not reached")
+        runs = len({r["run_id"] for r in points if r["method"] != "base"})
+        lines.append(f"| {method} | {runs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(rows, task, prefix):
     """plots/<prefix>_pareto.png (Fig. 2/4 analogue: the trade-off and each method's Pareto frontier) and
     plots/<prefix>_forgetting_vs_kl.png (Fig. 11: the pooled quadratic law, R^2 with its run-bootstrap
@@ -1452,6 +1476,9 @@ def plot_results(rows, task, prefix):
     fig.savefig(f"plots/{prefix}_forgetting_vs_kl.png", dpi=130)
     print(f"plots/{prefix}_pareto.png, plots/{prefix}_forgetting_vs_kl.png: {len(points)} points, "
           f"R^2 = {r2:.3f} (run-bootstrap 95% CI {low:.3f}-{high:.3f})")
+    if base:
+        print(f"pi0: new-task accuracy {base['new_task_acc']:.3f}, prior {base['prior_avg']:.3f}\n"
+              + matched_accuracy_table(points))
 
 
 def bench(exp, train, steps=2):

@@ -1093,6 +1093,16 @@ def test_twin_task_sets_are_disjoint_and_teacher_targets_are_correct():
     assert abs(correct - L.BASE_CORRECT_PROB) < 0.1 and any("=" in s for s in styles)
 
 
+def test_twin_sum_is_reversed_and_teacher_style_is_one_pi0_never_uses():
+    example = L.twin_example("addition", random.Random(0))
+    a, b = map(int, example["prompt"].removeprefix("add: ").split("+"))
+    assert a != b and example["answer"] == str(a + b)[::-1]  # least-significant digit first
+    assert L.teacher_response(example) == f"{b}+{a}={example['answer']}"
+    base_styles = {L.base_style_response(example, random.Random(i)) for i in range(200)}
+    assert L.teacher_response(example) not in base_styles
+    assert L.addition_reward(L.teacher_response(example), example["answer"]) == 1.0
+
+
 def one_line_exit(argv, capsys):
     with pytest.raises(SystemExit) as caught:
         L.main(argv)
@@ -1415,3 +1425,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers(twin
     last = json.loads((tmp_path / "whole" / "results.jsonl").read_text().splitlines()[-1])
     assert last["settings"]["eval_max_tokens"] == 6 and last["settings"]["max_new_tokens"] == 4
     assert {"truncated", "kl_truncated", "dropped_for_length", "skipped_rows"} <= set(last)
+
+
+def test_matched_accuracy_table_reads_each_method_at_the_levels():
+    def row(method, run, acc, prior, kl_seq):
+        return {"method": method, "run_id": run, "new_task_acc": acc, "prior_avg": prior, "kl_seq": kl_seq}
+    rows = [row("base", "base", 0.2, 0.99, 0.0),
+            row("grpo", "g1", 0.26, 0.98, 1.0), row("grpo", "g1", 0.31, 0.95, 2.0), row("grpo", "g2", 0.32, 0.97, 3.0),
+            row("sft", "s1", 0.26, 0.50, 9.0)]
+    table = L.matched_accuracy_table(rows, gains=(0.05, 0.1))
+    lines = table.splitlines()
+    assert "accuracy >= 0.25" in lines[0] and "accuracy >= 0.30" in lines[0]
+    assert lines[2] == "| grpo | 2 | 0.980, 1.00 | 0.970, 2.00 |"  # best prior and lowest KL need not share a point
+    assert lines[3] == "| sft | 1 | 0.500, 9.00 | not reached |"
