@@ -53,10 +53,10 @@ bench: $(VENV)/installed-all data
 llm-twin: $(VENV)/installed-all
 	export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1; \
 	$(PY) llm_finetune.py --build-twin && \
-	for seed in 0 1; do for lr in 3e-4 1e-4; do S="--steps 96 --lr $$lr --seed $$seed --out runs/llm-study"; \
-	  $(PY) llm_finetune.py --method grpo sft self-sft $$S --save-models final && \
-	  $(PY) llm_finetune.py --method sft-distill $$S --teacher runs/llm-study/models/addition-*-grpo-lr0.0003-schedulerconstant-seed0-mu1-epochs1/step-96 && \
-	  $(PY) llm_finetune.py --method grpo-kl $$S || exit 1; done; done && \
+	for seed in 0 1; do S="--steps 96 --lr 3e-4 1e-3 --seed $$seed --out runs/llm-study"; \
+	  $(PY) llm_finetune.py --method grpo sft self-sft grpo-kl reinforce simpo $$S --save-models final && \
+	  $(PY) llm_finetune.py --method sft-distill $$S --teacher runs/llm-study/models/addition-*-grpo-lr0.0003-schedulerconstant-seed0-mu1-epochs1/step-96 \
+	  || exit 1; done && \
 	$(PY) llm_finetune.py --plot --out runs/llm-study
 
 # ManiSkill's CPU renderer (vla_finetune.py) needs a Vulkan driver. On Debian 12 without a GPU, Mesa's
