@@ -326,3 +326,13 @@ def pareto_frontier(new_task_score, prior_task_score):
             kept.append(int(i))
             best_prior = prior[i]
     return kept
+
+
+def frontier_at(new_task_score, prior_task_score, kls, level):
+    """The Pareto frontier read at matched new-task score (Fig. 2 and 4 compare methods there): the best
+    prior-task score and the lowest forward KL among points whose new-task score is at least `level`
+    (nan, nan if none reaches it). The two need not come from the same point."""
+    reached = np.asarray(new_task_score, np.float64) >= level - 1e-9
+    if not reached.any():
+        return float("nan"), float("nan")
+    return float(np.asarray(prior_task_score)[reached].max()), float(np.asarray(kls)[reached].min())

@@ -1407,9 +1407,9 @@ def matched_accuracy_table(rows, gains=(0.05, 0.1, 0.2)):
         points = [r for r in rows if r["method"] == method] + [base]
         cells = []
         for level in levels:
-            reached = [r for r in points if r["new_task_acc"] >= level]
-            cells.append(f"{max(r['prior_avg'] for r in reached):.3f}, {min(r['kl_seq'] for r in reached):.2f}"
-                         if reached else "not reached")
+            prior, kl_seq = kl.frontier_at([r["new_task_acc"] for r in points], [r["prior_avg"] for r in points],
+                                           [r["kl_seq"] for r in points], level)
+            cells.append("not reached" if np.isnan(prior) else f"{prior:.3f}, {kl_seq:.2f}")
         runs = len({r["run_id"] for r in points if r["method"] != "base"})
         lines.append(f"| {method} | {runs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

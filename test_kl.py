@@ -371,6 +371,14 @@ def test_pareto_frontier_on_a_hand_made_set():
     assert kl.pareto_frontier([0.5, 0.6], [0.9, 0.9]) == [1]
 
 
+def test_frontier_at_reads_best_prior_and_lowest_kl_among_points_that_reach_the_level():
+    new, prior, kls = [0.2, 0.3, 0.4, 0.5], [0.99, 0.7, 0.95, 0.6], [0.0, 0.5, 3.0, 1.0]
+    assert kl.frontier_at(new, prior, kls, 0.3) == (0.95, 0.5)  # from different points
+    assert kl.frontier_at(new, prior, kls, 0.45) == (0.6, 1.0)
+    assert kl.frontier_at(new, prior, kls, 0.1 + 0.2) == (0.95, 0.5)  # a point at the level counts
+    assert all(np.isnan(v) for v in kl.frontier_at(new, prior, kls, 0.6))
+
+
 def test_bootstrap_r2_of_a_target_that_never_varies_is_undefined_not_an_error():
     r2, low, high = kl.bootstrap_r2([0.0, 1.0, 2.0, 3.0], [0.5, 0.5, 0.5, 0.5], groups=["a", "a", "b", "b"], n_boot=50)
     assert math.isnan(r2) and math.isnan(low) and math.isnan(high)

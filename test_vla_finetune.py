@@ -285,7 +285,7 @@ def test_matched_success_reads_the_frontier_with_intervals():
     assert prior == pytest.approx(0.7) and kl_value == pytest.approx(0.5)  # best prior / lowest KL with new >= 0.4
     assert prior_ci[0] <= prior <= prior_ci[1] and kl_ci[0] <= kl_value <= kl_ci[1] and 0 < share <= 1
     assert prior_ci[1] > prior_ci[0]  # episodes resampled: the interval has width
-    assert np.isnan(vla.frontier_at([0.1, 0.2], [0.9, 0.8], [0.0, 1.0], 0.5)[0])  # never reached
+    assert np.isnan(kl.frontier_at([0.1, 0.2], [0.9, 0.8], [0.0, 1.0], 0.5)[0])  # never reached
 
 
 def test_forgetting_law_groups_by_run_and_counts_pi0_once():

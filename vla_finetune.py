@@ -1454,23 +1454,14 @@ def compare_demonstrators(args, env, out, setup=None):
 STUDY_ORDER = [["sft-demonstrator", "grpo"], ["sft-pi0", "sft-rl", "reinforce", "grpo-kl"]]
 
 
-def frontier_at(new, prior, kls, level):
-    """The Pareto frontier read at matched new-task success: the best prior-task success, and the lowest
-    forward KL, among points whose new-task success is at least `level` (nan, nan if none reaches it)."""
-    reached = np.asarray(new) >= level - 1e-9
-    if not reached.any():
-        return float("nan"), float("nan")
-    return float(np.asarray(prior)[reached].max()), float(np.asarray(kls)[reached].min())
-
-
 def matched_success(points, runs, level, n_boot=1000, seed=0):
-    """frontier_at on an arm's points (base included), with a percentile 95 % interval from resampling whole
+    """kl.frontier_at on an arm's points (base included), with a percentile 95 % interval from resampling whole
     runs (seeds) and, within each point, its evaluation episodes. Returns (prior, kl, prior interval, kl
     interval, share of resamples that reach the level)."""
     def read(rows, rng):
         new = [_resampled(r["outcomes"][r["new_task"]], rng) for r in rows]
         prior = [np.mean([_resampled(r["outcomes"][e], rng) for e in r["prior_success"]]) for r in rows]
-        return frontier_at(new, prior, [r["forward_kl"] for r in rows], level)
+        return kl.frontier_at(new, prior, [r["forward_kl"] for r in rows], level)
     base = [r for r in points if r["run"] == "base"]
     by_run = {run: [r for r in points if r["run"] == run] for run in runs}
     prior, kl_value = read(points, None)
