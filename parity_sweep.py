@@ -9,7 +9,7 @@ adds is speed: configurations that differ only in learning rate and schedule are
 batched model (weights stacked [R, in, out]), which gives the same numbers as the plain loop (a test).
 
     python parity_sweep.py --quick          # every figure on a reduced grid, a few minutes
-    python parity_sweep.py --reproduce      # the paper's grid and every study, about half an hour on 2 cores
+    python parity_sweep.py --reproduce      # the paper's grid and every study, about 25 minutes on 2 cores
     python parity_sweep.py --seeds          # only the 3-seed study on a reduced grid
     python parity_sweep.py --bench          # speed: matmul peak, training and evaluation throughput
 
@@ -21,10 +21,12 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="results file (JSON Lines); default runs/parity/{quick,results}.jsonl")
     p.add_argument("--no-figures", action="store_true", help="skip parity_figures.make_all after the sweep")
     p.add_argument("--data-dir", default="data", help="folder holding MNIST/ and FashionMNIST/")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch CPU threads (default: torch's, one per physical core; on a machine busy with "
-                        "other jobs 1 can be faster)")
+    p.add_argument("--workers", type=int, default=torch.get_num_threads(),
+                   help="processes training batches of runs side by side (default: one per physical core)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per worker (default: the physical cores shared among the workers)")
     args = p.parse_args(argv)
-    if args.max_batch < 1 or args.threads < 1:
-        p.error("--max-batch and --threads must be positive integers")
+    if args.max_batch < 1 or args.workers < 1 or args.threads < 0:
+        p.error("--max-batch and --workers must be positive integers, --threads one that is not negative")
+    args.threads = args.threads or max(1, torch.get_num_threads() // args.workers)
     if not args.eval_every > 0:
         p.error(f"--eval-every must be > 0 epochs, got {args.eval_every}")
     return args
@@ -238,7 +242,11 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
             base_logits = pm.mlp(ref.base, train_x)
         if cfg.method == "sft-distill":
             teacher_logits = pm.mlp(teacher, train_x)
-    per_run = [{k: v.clone().requires_grad_() for k, v in ref.base.items()} for _ in range(runs)]
+    # The R models live stacked ([R, in, out]), the layout the batched forward pass reads, so they are never
+    # copied together. Each run's weights are views into the stack (per_run[r]["w1"] is stacked["w1"][r]): the
+    # optimizer updates the runs in place through them, each view with its own lr and schedule.
+    stacked = {k: v.unsqueeze(0).repeat(runs, *[1] * v.dim()).requires_grad_() for k, v in ref.base.items()}
+    per_run = [{k: v.detach()[r] for k, v in stacked.items()} for r in range(runs)]
     optimizer = torch.optim.AdamW([{"params": list(p.values()), "lr": c.lr} for p, c in zip(per_run, configs)],
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     steps_per_epoch = len(train_x) // cfg.batch_size
@@ -249,10 +257,6 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
     # eval_every = 0: no evaluation at all (the benchmark times training alone)
     eval_steps = pm.evaluation_steps(cfg.epochs, steps_per_epoch, eval_every) if eval_every > 0 else set()
 
-    def stacked():  # [R, ...] weights for the batched forward pass (a view, not a copy, for one run)
-        if runs == 1:
-            return {k: v.unsqueeze(0) for k, v in per_run[0].items()}
-        return {k: torch.stack([p[k] for p in per_run]) for k in pm.PARAM_SHAPES}
     rows = [[] for _ in configs]
     if eval_steps:
         base_metrics = evaluate(ref.base, data, ref)
@@ -263,31 +267,34 @@ def train_runs(configs, data, ref, teacher=None, eval_every=0.2, progress=True):
     for _ in range(cfg.epochs):
         order = torch.randperm(len(train_x), generator=gen)
         for idx in order[:steps_per_epoch * cfg.batch_size].view(steps_per_epoch, cfg.batch_size):
-            params = stacked()
             logged = step_probe is not None and step % cfg.log_steps == 0
             if logged:
-                step_probe.before(params)
-            loss = runs * pm.method_loss(cfg, pm.mlp(params, train_x[idx]), train_digits[idx], sft2_labels[idx],
+                step_probe.before(stacked)
+            loss = runs * pm.method_loss(cfg, pm.mlp(stacked, train_x[idx]), train_digits[idx], sft2_labels[idx],
                                          None if base_logits is None else base_logits[idx],
                                          None if teacher_logits is None else teacher_logits[idx], gen)
-            optimizer.zero_grad(set_to_none=True)
+            for weights in stacked.values():
+                weights.grad = None
             loss.backward()
+            for k, weights in stacked.items():  # each run's gradient, as a view, for the optimizer
+                for r in range(runs):
+                    per_run[r][k].grad = weights.grad[r]
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update()
             if logged:
-                for r, stats in enumerate(step_probe.after(stacked())):
+                for r, stats in enumerate(step_probe.after(stacked)):
                     rows[r].append(row_for(configs[r], step, step / steps_per_epoch, 0.0, stats, kind="step"))
             if step in eval_steps:
                 wall = time.perf_counter() - start
                 for r, c in enumerate(configs):
-                    metrics = evaluate({k: v.detach() for k, v in per_run[r].items()}, data, ref)
+                    metrics = evaluate(per_run[r], data, ref)
                     rows[r].append(row_for(c, step, step / steps_per_epoch, wall, metrics))
     bar.close()
     for run_rows in filter(None, rows):
         run_rows[-1]["last"] = True  # marks the run complete in the results file
-    return rows, [{k: v.detach() for k, v in p.items()} for p in per_run]
+    return rows, per_run
 
 
 def flatten(params):
@@ -343,12 +350,19 @@ def evaluate(params, data, ref):
     delta = {k: params[k] - ref.base[k] for k in pm.PARAM_SHAPES}
     metrics["weight_l1"] = sum(d.abs().sum() for d in delta.values()).item()  # sum over all parameters
     metrics["fisher_l2"] = math.sqrt(sum((ref.fisher[k] * d.double()**2).sum() for k, d in delta.items()))
-    metrics["spectral_norm"] = sum(torch.linalg.matrix_norm(delta[k], 2) for k in WEIGHTS).item()
+    metrics["spectral_norm"] = sum(largest_singular_value(delta[k]) for k in WEIGHTS).item()
     change = hidden - ref.mnist_test_hidden  # last hidden layer (256), MNIST test images
     metrics["act_l1"] = change.abs().sum(-1).mean().item()
     metrics["act_l2"] = torch.linalg.vector_norm(change, dim=-1).mean().item()
     metrics["cka"] = kl.linear_cka(fashion_hidden[:CKA_PROBES], ref.fashion_probe_hidden)
     return metrics
+
+
+def largest_singular_value(matrix):
+    """sigma_max(M) = sqrt(lambda_max(M^T M)), from the Gram matrix of M's shorter side: torch.linalg.matrix_norm
+    (M, 2) to float rounding (a test), at under half the cost of its SVD, a visible share of each evaluation."""
+    gram = matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1] else matrix @ matrix.T
+    return torch.linalg.eigvalsh(gram)[-1].clamp(min=0).sqrt()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,23 +462,56 @@ def teacher_for(data, seed):
     return path
 
 
-def run_sweep(configs, out, data, eval_every=0.2, max_batch=10, desc="sweep"):
-    """Train every configuration not yet complete in `out`, batching those that may share a model."""
+def run_sweep(configs, out, data, eval_every=0.2, max_batch=10, workers=1, threads=1):
+    """Train every configuration not yet complete in `out`, batching those that may share a model.
+
+    The batches go, in order, to `workers` processes with `threads` torch threads each; their rows are
+    appended in that order as they complete. On 2 cores two single-threaded workers train about a fifth
+    faster than one process with 2 threads: a step's many small operations do not split well across threads.
+    """
     done = completed_runs(out)
     todo = [c for c in dict.fromkeys(configs) if c.run_id not in done]
     groups = {}
     for c in todo:
         groups.setdefault(c.batch_key(), []).append(c)
+    batches = [group[start:start + max_batch] for group in groups.values()
+               for start in range(0, len(group), max_batch)]
+    references = {seed: reference_for(data, seed) for seed in {c.seed for c in todo}}
     total = len({c.run_id for c in configs})
-    with tqdm(total=total, initial=total - len(todo), desc=desc, unit="run") as bar:
-        for key, group in groups.items():
-            ref = reference_for(data, key.seed)
-            teacher = pm.load_params(key.teacher) if key.method == "sft-distill" else None
-            for start in range(0, len(group), max_batch):
-                chunk = group[start:start + max_batch]
-                rows, _ = train_runs(chunk, data, ref, teacher, eval_every)
-                append_rows(out, [row for run_rows in rows for row in run_rows])
-                bar.update(len(chunk))
+    with tqdm(total=total, initial=total - len(todo), desc="runs", unit="run") as bar:
+        for rows in train_batches(batches, data, references, eval_every, workers, threads):
+            append_rows(out, rows)
+            bar.update(len({row["run_id"] for row in rows}))
+
+
+def train_batches(batches, data, references, eval_every, workers, threads):
+    """Each batch's rows, in the batches' order: in this process (one worker: no copy of the data) or in
+    worker processes, where all batches are submitted at once and come back in order as they complete."""
+    if workers == 1:  # the caller's torch threads
+        init_worker(data, references, eval_every, progress=True)
+        yield from map(train_batch, batches)
+        return
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker,
+                             (data, references, eval_every, threads)) as pool:
+        yield from pool.map(train_batch, batches)
+
+
+_WORKER = {}  # what each worker process holds: the data, pi0's reference quantities per seed, its settings
+
+
+def init_worker(data, references, eval_every, threads=None, progress=False):
+    if threads:
+        torch.set_num_threads(threads)
+    _WORKER.update(data=data, references=references, eval_every=eval_every, progress=progress)
+
+
+def train_batch(configs):
+    """One batch of a sweep, in a worker: the rows of all its runs, in order."""
+    cfg = configs[0]
+    teacher = pm.load_params(cfg.teacher) if cfg.method == "sft-distill" else None
+    rows, _ = train_runs(configs, _WORKER["data"], _WORKER["references"][cfg.seed], teacher,
+                         _WORKER["eval_every"], progress=_WORKER["progress"])
+    return [row for run_rows in rows for row in run_rows]
 
 
 def make_figures(out, plots_dir):
@@ -472,12 +519,12 @@ def make_figures(out, plots_dir):
     parity_figures.make_all(str(out), str(plots_dir))
 
 
-def studies(args, data):
+def studies(args, data, teacher=None):
     """[(configurations, description)] of the chosen mode, in the order they run. --reproduce is ordered so
-    that an interrupted sweep already has points for every study."""
+    that an interrupted sweep already has points for every study. Fig. 9's teacher is trained if not given."""
     if args.seeds:
         return [(seeds_grid(), "seeds study")]
-    teacher = teacher_for(data, args.seed)
+    teacher = teacher or teacher_for(data, args.seed)
     if args.quick:
         return [(quick_grid(teacher, args.seed), "quick sweep")]
     grid = paper_grid(args.seed)
@@ -492,14 +539,16 @@ def reproduce(args):
     data = get_data(args.data_dir)
     out = Path(args.out or RUNS_DIR / ("quick.jsonl" if args.quick else "results.jsonl"))
     start = time.perf_counter()
-    planned = studies(args, data)
-    run_ids = {c.run_id for configs, _ in planned for c in configs}
+    planned = [c for configs, _ in studies(args, data) for c in configs]  # in the order they run
+    run_ids = {c.run_id for c in planned}
     done = completed_runs(out) & run_ids
     if done:
         print(f"resuming: {len(done)} of {len(run_ids)} runs already in {out}")
-    for configs, description in planned:
-        run_sweep(configs, out, data, args.eval_every, args.max_batch, description)
-    print(f"results: {out} ({time.perf_counter() - start:.0f} s)")
+    run_sweep(planned, out, data, args.eval_every, args.max_batch, args.workers, args.threads)
+    wall = time.perf_counter() - start
+    training, evaluation = plan_flops([c for c in planned if c.run_id not in done], data, args.eval_every)
+    print(f"results: {out} ({wall:.0f} s; {(training + evaluation) / 1e12:.1f} TFLOP of arithmetic, "
+          f"{(training + evaluation) / wall / 1e9:.1f} GFLOP/s on average: `--bench` measures the matmul peak)")
     if not args.no_figures:
         make_figures(out, RUNS_DIR / "quick-plots" if args.quick else Path("plots"))
 
@@ -519,6 +568,23 @@ def training_flops_per_image():
     return sum((4 if w == "w1" else 6) * pm.PARAM_SHAPES[w][0] * pm.PARAM_SHAPES[w][1] for w in WEIGHTS)
 
 
+def plan_flops(configs, data, eval_every):
+    """(training, evaluation) floating-point operations of a sweep: every run's training images, every
+    evaluation point's 20,000 test images (pi0's step 0 once per seed), Fig. 10's per-step probes."""
+    eval_images = len(data.mnist_test_x) + len(data.fashion_test_x)
+    training = evaluation = 0
+    for c in set(configs):
+        steps = c.epochs * (len(data.mnist_train_x) // c.batch_size)
+        training += steps * c.batch_size * training_flops_per_image()
+        points = len(pm.evaluation_steps(c.epochs, steps // c.epochs, eval_every))
+        evaluation += points * eval_images * forward_flops_per_image()
+        if c.log_steps:  # the FashionMNIST gradient and the forward KL before and after each logged step
+            probe = FIG10_FASHION * training_flops_per_image() + 2 * FIG10_MNIST * forward_flops_per_image()
+            training += steps // c.log_steps * probe
+    evaluation += len({c.seed for c in configs}) * eval_images * forward_flops_per_image()
+    return training, evaluation
+
+
 def timed(fn, repeats):
     fn()
     start = time.perf_counter()
@@ -530,7 +596,8 @@ def timed(fn, repeats):
 def bench(args):
     data = get_data(args.data_dir)
     ref = reference_for(data, args.seed)
-    print(f"Machine: {os.cpu_count()} CPU cores, {args.threads} torch threads; torch {torch.__version__}, fp32.\n")
+    print(f"Machine: {os.cpu_count()} CPU cores; the sweep: {args.workers} worker(s) x {args.threads} torch thread(s); "
+          f"torch {torch.__version__}, fp32.\n")
     # Peak: the batched matmuls of one training step (max-batch stacked runs, batch 64) and of evaluation.
     runs, batch = args.max_batch, 64
     layer_shapes = [pm.PARAM_SHAPES[w] for w in WEIGHTS]
@@ -547,37 +614,52 @@ def bench(args):
     sub = dataclasses.replace(data, mnist_train_x=data.mnist_train_x[:steps * batch],
                               mnist_train_y=data.mnist_train_y[:steps * batch])
     configs = [RunConfig("rl", float(lr), "constant", seed=args.seed) for lr in np.geomspace(3e-6, 1e-3, runs)]
-    wall = timed(lambda: train_runs(configs, sub, ref, eval_every=0, progress=False), 1)
-    images = runs * steps * batch
+    with ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), init_worker,
+                             (sub, {args.seed: ref}, 0, args.threads)) as pool:  # as the sweep trains
+        list(pool.map(train_batch, [configs] * args.workers))  # start the workers
+        wall = timed(lambda: list(pool.map(train_batch, [configs] * args.workers)), 1)
+    images = args.workers * runs * steps * batch
     achieved = images * training_flops_per_image() / wall / 1e9
-    print(f"\nTraining ({runs} rl runs as one batched model, batch {batch}, G = 8): {images / wall:,.0f} images/s, "
-          f"{achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of the matmul peak ({peak:.1f} GFLOP/s).")
+    print(f"\nTraining ({runs} rl runs as one batched model, batch {batch}, G = 8, in each of {args.workers} "
+          f"worker(s)): {images / wall:,.0f} images/s, {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of the "
+          f"matmul peak ({peak:.1f} GFLOP/s).")
     single = [RunConfig("rl", 3e-4, seed=args.seed)]
     wall_single = timed(lambda: train_runs(single, sub, ref, eval_every=0, progress=False), 1)
-    print(f"One run alone: {steps * batch / wall_single:,.0f} images/s.")
+    print(f"One run alone ({torch.get_num_threads()} threads in one process): {steps * batch / wall_single:,.0f} "
+          f"images/s.")
+    # AdamW's update is memory traffic, not arithmetic: weight, gradient and two moments read, three written.
+    stacked = [torch.randn(runs, *shape).requires_grad_() for shape in pm.PARAM_SHAPES.values()]
+    for weights in stacked:
+        weights.grad = torch.randn_like(weights)
+    adamw = torch.optim.AdamW(stacked, fused=True)
+    wall_adamw = timed(adamw.step, 20)
+    weights_per_run = sum(math.prod(shape) for shape in pm.PARAM_SHAPES.values())
+    print(f"AdamW step of {runs} runs: {1e3 * wall_adamw:.2f} ms, "
+          f"{runs * weights_per_run * 28 / wall_adamw / 1e9:.1f} GB/s of memory traffic.")
     # Evaluation: every metric of Table 1 for one checkpoint (both test sets, 20,000 images).
     wall_eval = timed(lambda: evaluate(ref.base, data, ref), 3)
     eval_images = len(data.mnist_test_x) + len(data.fashion_test_x)
     achieved_eval = eval_images * forward_flops_per_image() / wall_eval / 1e9
-    print(f"Evaluation of one checkpoint: {wall_eval:.3f} s, {achieved_eval:.1f} GFLOP/s in its forward passes = "
-          f"{100 * achieved_eval / peak:.0f} % of the matmul peak.")
-    # The paper grid's arithmetic at that peak: the least time any implementation could take on this machine.
-    grid = paper_grid(args.seed)
-    train_images = sum(c.epochs * (len(data.mnist_train_x) // c.batch_size) * c.batch_size for c in grid)
-    eval_points = sum(len(pm.evaluation_steps(c.epochs, len(data.mnist_train_x) // c.batch_size,
-                                              args.eval_every)) + 1 for c in grid)
-    total_flops = train_images * training_flops_per_image() + eval_points * eval_images * forward_flops_per_image()
-    print(f"Paper grid ({len(grid)} runs): {train_images * training_flops_per_image() / 1e12:.0f} TFLOP of training, "
-          f"{eval_points * eval_images * forward_flops_per_image() / 1e12:.0f} TFLOP of evaluation; at the peak "
-          f"{total_flops / peak / 1e9 / 60:.1f} min, the arithmetic lower bound for this machine.")
+    print(f"Evaluation of one checkpoint ({torch.get_num_threads()} threads in one process): {wall_eval:.3f} s, "
+          f"{achieved_eval:.1f} GFLOP/s in its forward passes = {100 * achieved_eval / peak:.0f} % of the matmul peak.")
+    # The arithmetic of --reproduce at that peak: the least time any implementation could take on this machine.
+    plan = [c for configs, _ in studies(args, data, teacher=RUNS_DIR / f"teacher_rl_seed{args.seed}.pt")
+            for c in configs]
+    training, evaluation = plan_flops(plan, data, args.eval_every)
+    at_peak = (training + evaluation) / peak / 1e9
+    run_steps = sum(c.epochs * (len(data.mnist_train_x) // c.batch_size) for c in set(plan))
+    print(f"--reproduce ({len(set(plan))} runs): {training / 1e12:.0f} TFLOP of training, {evaluation / 1e12:.0f} "
+          f"TFLOP of evaluation; at the peak {at_peak / 60:.1f} min, the arithmetic lower bound for this machine "
+          f"(--reproduce prints the rate it achieved). Its {run_steps:,} AdamW updates add "
+          f"{run_steps * wall_adamw / runs / 60:.1f} min at the rate above.")
     # Wall times of the lab's two commands.
     for label, cmd in (("python parity_mnist.py --method rl", [pm.__file__, "--method", "rl"]),
                        ("python parity_sweep.py --quick --no-figures",
                         [__file__, "--quick", "--no-figures", "--out", str(RUNS_DIR / "bench_quick.jsonl")])):
         (RUNS_DIR / "bench_quick.jsonl").unlink(missing_ok=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, *cmd, "--data-dir", args.data_dir, "--threads", str(args.threads)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, *cmd, "--data-dir", args.data_dir], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # each command's own defaults
         print(f"Wall time of `{label}`: {time.perf_counter() - start:.1f} s.")
 
 
@@ -588,7 +670,7 @@ def bench(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.workers * args.threads)  # this process's own work: pi0, the teacher, the bench
     if args.bench:
         bench(args)
     else:

@@ -136,6 +136,51 @@ def test_resume_after_interruption_gives_the_same_rows_once(small, ref, tmp_path
     assert len(interrupted.read_text().splitlines()) == 9
 
 
+def test_worker_processes_write_what_one_process_writes(small, ref, tmp_path, monkeypatch):
+    """--workers 2 (spawned processes, each with its own copy of the data) gives every run the rows that the
+    in-process sweep gives it: the batches are independent, only the order of the file's lines differs."""
+    monkeypatch.setattr(ps, "reference_for", lambda data, seed: ref)
+    configs = [config("rl", 1e-3), config("rl", 3e-4, scheduler="cosine"), config("sft1", 1e-3), config("simpo", 1e-3)]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    ps.run_sweep(configs, one, small, eval_every=0.5, max_batch=1, workers=1, threads=1)
+    ps.run_sweep(configs, two, small, eval_every=0.5, max_batch=1, workers=2, threads=1)
+    key = lambda row: (row["run_id"], row["step"])  # noqa: E731
+    in_process = {key(row): row for row in map(json.loads, one.read_text().splitlines())}
+    in_workers = {key(row): row for row in map(json.loads, two.read_text().splitlines())}
+    assert in_process.keys() == in_workers.keys() and len(in_process) == 12
+    for k, row in in_process.items():
+        for name in EVAL_KEYS[12:]:
+            assert in_workers[k][name] == pytest.approx(row[name], rel=1e-6, abs=1e-9), (k, name)
+    assert ps.completed_runs(two) == {c.run_id for c in configs}
+
+
+def test_largest_singular_value_is_the_spectral_norm():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(785, 512), (512, 256), (256, 10), (10, 256)]:  # the layers' changes, and a wide matrix
+        matrix = 1e-3 * torch.randn(*shape, generator=gen)
+        matrix[:, 0] += 0.01  # one dominant direction, as a trained layer's change has
+        expected = torch.linalg.matrix_norm(matrix.double(), 2).item()
+        assert ps.largest_singular_value(matrix).item() == pytest.approx(expected, rel=1e-5), shape
+    rank_one = torch.outer(torch.randn(50, generator=gen), torch.randn(20, generator=gen))
+    expected = torch.linalg.matrix_norm(rank_one.double(), 2).item()
+    assert ps.largest_singular_value(rank_one).item() == pytest.approx(expected, rel=1e-5)
+    assert ps.largest_singular_value(torch.zeros(30, 20)).item() == 0
+
+
+def test_plan_flops_counts_every_evaluation_point_and_probe():
+    data = argparse.Namespace(mnist_train_x=torch.empty(60000, 0), mnist_test_x=torch.empty(10000, 0),
+                              fashion_test_x=torch.empty(10000, 0))  # the datasets' sizes are all it reads
+    per_image = ps.training_flops_per_image()
+    eval_point = 20000 * ps.forward_flops_per_image()
+    one_epoch, two_epochs = ps.RunConfig("sft1", 1e-3), ps.RunConfig("sft1", 1e-3, epochs=2)
+    assert ps.plan_flops([one_epoch], data, 0.2) == (937 * 64 * per_image, (5 + 1) * eval_point)
+    assert ps.plan_flops([one_epoch, two_epochs, two_epochs], data, 0.2) == (
+        3 * 937 * 64 * per_image, (5 + 10 + 1) * eval_point)  # a run listed twice counts once; step 0 once
+    logged = ps.RunConfig("sft1", 1e-3, log_steps=10)
+    probe = ps.FIG10_FASHION * per_image + 2 * ps.FIG10_MNIST * ps.forward_flops_per_image()
+    assert ps.plan_flops([logged], data, 0.2)[0] == 937 * 64 * per_image + 93 * probe
+
+
 def test_step_rows_for_fig10(small, ref):
     configs = [config("sft1", 1e-3, log_steps=5), config("sft1", 3e-4, log_steps=5)]
     rows, _ = ps.train_runs(configs[:1], small, ref, eval_every=0.5)
