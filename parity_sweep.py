@@ -491,9 +491,14 @@ def train_batches(batches, data, references, eval_every, workers, threads):
         init_worker(data, references, eval_every, progress=True)
         yield from map(train_batch, batches)
         return
-    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker,
-                             (data, references, eval_every, threads)) as pool:
+    with worker_pool(workers, data, references, eval_every, threads) as pool:
         yield from pool.map(train_batch, batches)
+
+
+def worker_pool(workers, data, references, eval_every, threads):
+    """Spawned processes that each hold the data and the references (shared memory) and run train_batch."""
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker,
+                               (data, references, eval_every, threads))
 
 
 _WORKER = {}  # what each worker process holds: the data, pi0's reference quantities per seed, its settings
@@ -574,9 +579,10 @@ def plan_flops(configs, data, eval_every):
     eval_images = len(data.mnist_test_x) + len(data.fashion_test_x)
     training = evaluation = 0
     for c in set(configs):
-        steps = c.epochs * (len(data.mnist_train_x) // c.batch_size)
+        steps_per_epoch = len(data.mnist_train_x) // c.batch_size
+        steps = c.epochs * steps_per_epoch
         training += steps * c.batch_size * training_flops_per_image()
-        points = len(pm.evaluation_steps(c.epochs, steps // c.epochs, eval_every))
+        points = len(pm.evaluation_steps(c.epochs, steps_per_epoch, eval_every))
         evaluation += points * eval_images * forward_flops_per_image()
         if c.log_steps:  # the FashionMNIST gradient and the forward KL before and after each logged step
             probe = FIG10_FASHION * training_flops_per_image() + 2 * FIG10_MNIST * forward_flops_per_image()
@@ -614,8 +620,7 @@ def bench(args):
     sub = dataclasses.replace(data, mnist_train_x=data.mnist_train_x[:steps * batch],
                               mnist_train_y=data.mnist_train_y[:steps * batch])
     configs = [RunConfig("rl", float(lr), "constant", seed=args.seed) for lr in np.geomspace(3e-6, 1e-3, runs)]
-    with ProcessPoolExecutor(args.workers, multiprocessing.get_context("spawn"), init_worker,
-                             (sub, {args.seed: ref}, 0, args.threads)) as pool:  # as the sweep trains
+    with worker_pool(args.workers, sub, {args.seed: ref}, 0, args.threads) as pool:  # as the sweep trains
         list(pool.map(train_batch, [configs] * args.workers))  # start the workers
         wall = timed(lambda: list(pool.map(train_batch, [configs] * args.workers)), 1)
     images = args.workers * runs * steps * batch
