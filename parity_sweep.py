@@ -344,8 +344,8 @@ def evaluate(params, data, ref):
     """The lesson's scores (accuracies, forgetting, the divergences on MNIST test) and Table 1's other
     predictors: weight change, Fisher-weighted weight change, activation change (new-task inputs), and the
     CKA of the last hidden layer on FashionMNIST probes (a Fig. 7 analogue)."""
-    logits, hidden = pm.mlp(params, data.mnist_test_x, return_hidden=True)
-    fashion_logits, fashion_hidden = pm.mlp(params, data.fashion_test_x, return_hidden=True)
+    logits, hidden = forward_in_place(params, data.mnist_test_x)
+    fashion_logits, fashion_hidden = forward_in_place(params, data.fashion_test_x)
     metrics = pm.scores(logits, fashion_logits, data, ref.mnist_test_logits, ref.fashion_acc)
     delta = {k: params[k] - ref.base[k] for k in pm.PARAM_SHAPES}
     metrics["weight_l1"] = sum(d.abs().sum() for d in delta.values()).item()  # sum over all parameters
@@ -356,6 +356,15 @@ def evaluate(params, data, ref):
     metrics["act_l2"] = torch.linalg.vector_norm(change, dim=-1).mean().item()
     metrics["cka"] = kl.linear_cka(fashion_hidden[:CKA_PROBES], ref.fashion_probe_hidden)
     return metrics
+
+
+def forward_in_place(params, x):
+    """pm.mlp(params, x, return_hidden=True) bit for bit (a test), for evaluation only: each bias add and ReLU
+    writes into its product's memory instead of two new tensors (20 MB per layer for 10,000 images), which
+    takes a tenth off an evaluation."""
+    hidden = (x @ params["w1"]).add_(params["b1"]).relu_()
+    hidden = (hidden @ params["w2"]).add_(params["b2"]).relu_()
+    return (hidden @ params["w3"]).add_(params["b3"]), hidden
 
 
 def largest_singular_value(matrix):
@@ -525,8 +534,11 @@ def make_figures(out, plots_dir):
 
 
 def studies(args, data, teacher=None):
-    """[(configurations, description)] of the chosen mode, in the order they run. --reproduce is ordered so
-    that an interrupted sweep already has points for every study. Fig. 9's teacher is trained if not given."""
+    """[(configurations, description)] of the chosen mode, in the order they run. --reproduce runs the 1-epoch
+    half of Fig. 3's grid and the studies built on it first, so that an interrupted sweep already has their
+    points, and the 3-seed study last: its batches (5 runs of 1 epoch) are the smallest, so the workers finish
+    together instead of one core idling while the other trains a 2-epoch batch (1.5 min). Fig. 9's teacher is
+    trained if not given."""
     if args.seeds:
         return [(seeds_grid(), "seeds study")]
     teacher = teacher or teacher_for(data, args.seed)
@@ -536,8 +548,8 @@ def studies(args, data, teacher=None):
     return [([c for c in grid if c.epochs == 1], "paper grid (Fig. 3), 1 epoch"),
             (extra_grid(teacher, args.seed), "2x2 + distillation"),
             (fig10_grid(args.seed), "Fig. 10 step logs"),
-            (seeds_grid(), "seeds study"),
-            ([c for c in grid if c.epochs == 2], "paper grid (Fig. 3), 2 epochs")]
+            ([c for c in grid if c.epochs == 2], "paper grid (Fig. 3), 2 epochs"),
+            (seeds_grid(), "seeds study")]
 
 
 def reproduce(args):

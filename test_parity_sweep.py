@@ -167,6 +167,18 @@ def test_largest_singular_value_is_the_spectral_norm():
     assert ps.largest_singular_value(torch.zeros(30, 20)).item() == 0
 
 
+def test_in_place_forward_is_the_lessons_forward_bit_for_bit(ref, data):  # noqa: F811
+    gen = torch.Generator().manual_seed(0)
+    params = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in ref.base.items()}
+    before = {k: v.clone() for k, v in params.items()}
+    images = data.mnist_test_x[:500].clone()
+    logits, hidden = ps.forward_in_place(params, images)
+    expected_logits, expected_hidden = pm.mlp(params, images, return_hidden=True)
+    assert torch.equal(logits, expected_logits) and torch.equal(hidden, expected_hidden)
+    assert all(torch.equal(params[k], before[k]) for k in params)  # only the products are written into
+    assert torch.equal(images, data.mnist_test_x[:500])
+
+
 def test_plan_flops_counts_every_evaluation_point_and_probe():
     data = argparse.Namespace(mnist_train_x=torch.empty(60000, 0), mnist_test_x=torch.empty(10000, 0),
                               fashion_test_x=torch.empty(10000, 0))  # the datasets' sizes are all it reads

@@ -161,6 +161,8 @@ MUTATIONS = {
          'done = {row["run_id"] for row in rows if row.get("last")}', 'done = {row["run_id"] for row in rows}'),
         ("every run stepped with the first run's gradient",
          "per_run[r][k].grad = weights.grad[r]", "per_run[r][k].grad = weights.grad[0]"),
+        ("the evaluation's forward without the second ReLU",
+         '.add_(params["b2"]).relu_()', '.add_(params["b2"])'),
         ("the smallest singular value as the spectral norm",
          "torch.linalg.eigvalsh(gram)[-1]", "torch.linalg.eigvalsh(gram)[0]"),
         ("one learning rate for the whole batch",
