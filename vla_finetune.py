@@ -620,8 +620,8 @@ def place_expert(env):
 def upright_expert(env):
     """LiftPegUpright-v1 (a 24 cm peg lying along x, to stand on its end): grasp 3 cm from the +x end, then
     swing that end up and over the other end, aiming 15 degrees ahead of the peg's angle on a circle about
-    its lower end, with a loose grip (gripper 0.2 of open, not -1) so that the peg turns in the fingers: the
-    controller turns the hand at most 0.1 rad a step, 16 steps for the quarter turn."""
+    its lower end, with a loose grip (gripper 0.2, where -1 closes and 1 opens) so that the peg turns in the
+    fingers: the controller turns the hand at most 0.1 rad a step, 16 steps for the quarter turn."""
     from transforms3d.quaternions import quat2mat
     u = env.unwrapped
     peg, tcp, half = _xyz(u.peg), _tcp(env), u.peg_half_length
