@@ -454,7 +454,7 @@ def test_the_defaults_are_the_documented_design():
     args = vla.parse_args(["--method", "grpo"])
     assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
     assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 3, 32, 100)
-    assert (args.env, args.prior_envs) == ("PickCube-v1", ["PushCube-v1", "PullCube-v1"])
+    assert (args.env, args.prior_envs) == ("PickCube-v1", ["PlaceSphere-v1", "LiftPegUpright-v1"])
     assert (args.horizon, args.eval_points) == (20, 4)
     assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
         "grpo": ("rl", 3e-4), "reinforce": ("rl", 3e-4), "grpo-kl": ("rl", 3e-4),
@@ -521,7 +521,8 @@ def sim(monkeypatch):
 
 
 def tiny_args(stand_in, *extra):
-    return vla.parse_args(["--model", stand_in, "--image-size", "32", "--horizon", "2", "--grid", "2",
+    return vla.parse_args(["--model", stand_in, "--prior-envs", "PushCube-v1", "PullCube-v1", "--image-size", "32",
+                           "--horizon", "2", "--grid", "2",
                            "--eval-episodes", "3", "--kl-episodes", "2", "--eval-points", "2", "--iterations", "2",
                            "--states-per-iter", "2", "--group-size", "2", "--samples-per-position", "2",
                            "--batch-size", "4", "--sft-epochs", "1", *extra])
@@ -765,7 +766,7 @@ def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and
     sft_step = vla.sft_step
     monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[4:]) or sft_step(*a))
     args = vla.parse_args(["--method", "bc", "--out-dir", str(tmp_path), "--image-size", "32", "--horizon", "2",
-                           "--prior-demos", "3", "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
+                           "--prior-envs", "PushCube-v1", "PullCube-v1", "--prior-demos", "3", "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
     vla.behaviour_clone(args, tmp_path)
     starts = {e: [c["start"] for c in sim.calls if c["env_id"] == e] for e in experts}
     assert starts == {"PickCube-v1": [(vla.SEEDS["base_new_demos"] + i, None) for i in range(2)],
@@ -818,6 +819,19 @@ def test_both_demonstrators_pick_the_cube_and_the_stand_in_rolls_out(stand_in):
     records, _ = vla.run_episode(env, "PickCube-v1", (0, None), 3, act)
     assert len(records) == 3 and records[0][0].shape == (32, 32, 3)
     assert all(r[1].shape == (7,) and r[1].min() >= 31744 for r in records)
+
+
+@needs_vulkan
+@pytest.mark.parametrize("env_id", ["PlaceSphere-v1", "LiftPegUpright-v1"])
+def test_the_default_prior_tasks_are_another_skill_on_other_objects_and_their_experts_succeed(env_id):
+    assert env_id in vla.PRIOR_TASKS and vla.NEW_TASK not in vla.PRIOR_TASKS
+    env = vla.make_env(env_id, image_size=32, horizon=20)
+    assert "cube" not in env.unwrapped.scene.actors  # the new task's object is not in the prior task's scene
+    horizon = env.settings["horizon"]
+    assert horizon == {"PlaceSphere-v1": 30, "LiftPegUpright-v1": 20}[env_id]  # the ball's expert needs <= 28
+    for seed in (20_000, 20_001, 20_002):  # the first starts of pi0's prior-task demos
+        records, success = vla.run_episode(env, env_id, (seed, None), horizon, vla.expert_policy(env, env_id))
+        assert success and len(records) < horizon
 
 
 @needs_vulkan
@@ -1062,7 +1076,7 @@ def test_openvla_defaults_to_the_bridge_scenes_and_their_statistics():
                                "PutEggplantInBasketScene-v1"], 60, "bridge_orig", 16)
     stand_in = vla.parse_args(["--method", "grpo"])
     assert (stand_in.env, stand_in.prior_envs, stand_in.horizon, stand_in.num_envs) == (
-        "PickCube-v1", ["PushCube-v1", "PullCube-v1"], 20, 1)
+        "PickCube-v1", ["PlaceSphere-v1", "LiftPegUpright-v1"], 20, 1)
     starts = vla.training_starts(8, "GraspCarrotInScene")
     assert [layout for _, layout in starts] == list(range(24))
     assert [layout for _, layout in vla.evaluation_starts(args)][:26] == list(range(24)) + [0, 1]
