@@ -262,6 +262,18 @@ def test_training_grid_covers_pickcubes_range_and_is_not_the_evaluation_set():
     assert {s for s, _ in grid}.isdisjoint({s for s, _ in vla.evaluation_starts(vla.parse_args(["--method", "plot"]))})
 
 
+def test_demonstrations_lie_within_their_grid_cells_at_distinct_seeds():
+    grid, starts = vla.training_grid(8), vla.demonstration_starts(8, 10)
+    assert len(starts) == 640 and starts == vla.demonstration_starts(8, 10)  # the same on every call
+    for k, (_, centre) in enumerate(grid):  # ten per cell, inside it (cells are 2.5 cm wide), not all at its centre
+        cell = np.array([xy for _, xy in starts[10 * k:10 * k + 10]])
+        assert np.abs(cell - centre).max() <= 0.0125 and cell.std(0).min() > 0.002
+    seeds = [s for s, _ in starts]
+    assert len(set(seeds)) == 640
+    others = [vla.training_grid(8), vla.evaluation_starts(vla.parse_args(["--method", "plot"]))]
+    assert set(seeds).isdisjoint({s for starts_ in others for s, _ in starts_})
+
+
 def _rows():
     """Two arms, two seeds each, 3 later points; outcomes per episode as the study stores them."""
     def point(run, arm, seed, new, prior, kl_value, fraction=1.0):
@@ -450,10 +462,12 @@ def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(
 
 def test_the_defaults_are_the_documented_design():
     """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 4 episodes per iteration, 16 iterations, KL
-    coefficient 0.1 (Fig. 3), 4 samples per position, 3 SFT epochs of 32 frames, 100 evaluation episodes."""
+    coefficient 0.1 (Fig. 3), 4 samples per position, 10 demonstrations per cell, 1 SFT epoch of 32 frames,
+    100 evaluation episodes."""
     args = vla.parse_args(["--method", "grpo"])
     assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
-    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 3, 32, 100)
+    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 1, 32, 100)
+    assert args.demos_per_position == 10
     assert (args.env, args.prior_envs) == ("PickCube-v1", ["PlaceSphere-v1", "LiftPegUpright-v1"])
     assert (args.horizon, args.eval_points) == (20, 4)
     assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
@@ -525,7 +539,7 @@ def tiny_args(stand_in, *extra):
                            "--horizon", "2", "--grid", "2",
                            "--eval-episodes", "3", "--kl-episodes", "2", "--eval-points", "2", "--iterations", "2",
                            "--states-per-iter", "2", "--group-size", "2", "--samples-per-position", "2",
-                           "--batch-size", "4", "--sft-epochs", "1", *extra])
+                           "--batch-size", "4", "--demos-per-position", "1", *extra])
 
 
 def greedy_tokens(model, processor, image, instruction=INSTRUCTION):
@@ -645,10 +659,11 @@ def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_a
 
 @pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
 def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, arm):
-    """sft-demonstrator: the other demonstrator's episode at each grid position; sft-pi0: pi0's own sampled
+    """sft-demonstrator: the other demonstrator's episodes, --demos-per-position in each grid cell; sft-pi0: pi0's own sampled
     episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the finished
     GRPO run of the same seed."""
-    args = tiny_args(stand_in, "--method", arm, "--samples-per-position", "3", "--grpo-lr", "0.002")
+    args = tiny_args(stand_in, "--method", arm, "--samples-per-position", "3", "--demos-per-position", "2",
+                     "--grpo-lr", "0.002")
     pi0, processor = vla.load_policy(stand_in)
     setup = dict(model=pi0, processor=processor, stats=pi0.norm_stats["maniskill"],
                  envs={"PickCube-v1": sim.make_env("PickCube-v1", 32, 2)}, policy_key=vla.model_fingerprint(stand_in))
@@ -664,18 +679,19 @@ def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch
             torch.save(dict(model=weights.state_dict(), step=args.iterations, wall=1.0),
                        tmp_path / "ckpt" / f"grpo_lr0.002_seed{seed}.pt")
     grid = vla.training_grid(2)
+    demo_starts = vla.demonstration_starts(2, 2)
     if arm == "sft-demonstrator":  # a demonstration that fails is not imitated
-        sim.success = lambda env_id, start, records: start != grid[0]
+        sim.success = lambda env_id, start, records: start != demo_starts[0]
     episodes = vla.sft_dataset(args, arm, 1, setup, tmp_path)
     assert all(c["env_id"] == "PickCube-v1" and c["horizon"] == args.horizon for c in sim.calls)
     if arm == "sft-demonstrator":
-        assert [c["start"] for c in sim.calls] == grid and not rollouts
+        assert [c["start"] for c in sim.calls] == demo_starts and not rollouts
         images, tokens = vla.episodes_to_batch(episodes, setup["stats"])
         action = vla.to_policy_action(other_demonstrator(None))
         expected = vla.actions_to_tokens(vla.normalize_actions(action, setup["stats"]))
         assert not np.array_equal(expected, vla.actions_to_tokens(action))  # the normalisation matters here
-        assert len(episodes) == 3 and [e["start"] for e in episodes] == grid[1:]
-        assert len(tokens) == 3 * args.horizon and (tokens.numpy() == expected).all()
+        assert len(episodes) == 7 and [e["start"] for e in episodes] == demo_starts[1:]
+        assert len(tokens) == 7 * args.horizon and (tokens.numpy() == expected).all()
         return
     assert sorted(c["start"] for c in sim.calls) == sorted(grid * 3)
     kept = [c for c in sim.calls if c["success"]]
@@ -729,7 +745,7 @@ def test_an_sft_run_takes_sft_epochs_of_batches_of_its_data(stand_in, sim, tmp_p
     monkeypatch.setattr(vla, "make_optimizer", lambda *a: optimizers.append(a[1]) or make_optimizer(*a))
     vla.finetune(args, "sft-demonstrator", 0.003, 0, setup, tmp_path)
     assert optimizers == [0.003]
-    demos = [c for c in sim.calls if c["start"] in vla.training_grid(2)]
+    demos = [c for c in sim.calls if c["start"] in vla.demonstration_starts(2, 1)]
     frames = {image.tobytes() for c in demos for image, _ in c["records"]}
     assert len(frames) == 8 and len(batches) == 2 * 3  # 8 frames, batches of 3: 3 per epoch
     epochs = [[image.tobytes() for images, _ in epoch for image in images] for epoch in (batches[:3], batches[3:])]
@@ -898,7 +914,7 @@ def drop_wall(rows):
 @pytest.mark.parametrize("method", ["grpo-kl", "sft-demonstrator"])
 def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, tmp_path, method):
     tiny = ["--method", method, "--model", stand_in, "--prior-envs", "PushCube-v1", "--image-size", "32",
-            "--grid", "1", "--sft-epochs", "1", "--batch-size", "8", "--iterations", "2", "--states-per-iter", "1",
+            "--grid", "1", "--demos-per-position", "2", "--batch-size", "8", "--iterations", "2", "--states-per-iter", "1",
             "--group-size", "2", "--eval-points", "2", "--eval-episodes", "1", "--kl-episodes", "1"]
     if method == "grpo-kl":
         tiny += ["--horizon", "3"]  # RL needs no success to run; the demonstrator needs ~14 steps

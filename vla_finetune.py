@@ -116,7 +116,10 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=int, default=8, help="training positions: an N x N grid of cube positions")
     p.add_argument("--samples-per-position", type=int, default=4,
                    help="sft-pi0 / sft-rl: sampled episodes per grid position, the successful ones kept")
-    p.add_argument("--sft-epochs", type=int, default=3)
+    p.add_argument("--demos-per-position", type=int, default=10,
+                   help="sft-demonstrator: the other demonstrator's episodes per grid cell, at random positions in "
+                        "the cell, the successful ones kept (paper: 10 per grid point)")
+    p.add_argument("--sft-epochs", type=int, default=1, help="passes over SFT's data (paper: 1)")
     p.add_argument("--batch-size", type=int, default=32, help="SFT and behaviour-cloning batch (frames)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="frames per forward/backward pass; gradients accumulate to the whole batch's (default: "
@@ -144,7 +147,7 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("micro_batch", "num_envs", "horizon", "prior_demos", "bc_steps", "grid", "samples_per_position",
-                 "sft_epochs", "batch_size", "iterations", "states_per_iter", "group_size", "eval_episodes",
+                 "demos_per_position", "sft_epochs", "batch_size", "iterations", "states_per_iter", "group_size", "eval_episodes",
                  "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -802,6 +805,21 @@ def training_grid(n):
             for j, y in enumerate(cells)]
 
 
+def demonstration_starts(n, per_position):
+    """Where SFT's demonstrator acts: per_position starts in each cell of the n x n training grid, the cube
+    uniformly within the cell, each with its own env seed (the paper: 10 successful episodes of its other
+    policy per grid point, App. B.2). One demonstration per position would be 64 in all, too few to learn
+    another policy's style from pixels."""
+    rng = np.random.default_rng(SEEDS["demos"])
+    half_cell = 0.1 / n
+    starts = []
+    for _, (x, y) in training_grid(n):
+        for _ in range(per_position):
+            dx, dy = rng.uniform(-half_cell, half_cell, size=2)
+            starts.append((SEEDS["demos"] + len(starts), (float(x + dx), float(y + dy))))
+    return starts
+
+
 def training_starts(n, env_id):
     """The new task's training starts: the n x n grid (training_grid), or every layout of a Bridge scene."""
     layouts = task_info(env_id).get("layouts")
@@ -1034,7 +1052,8 @@ def make_optimizer(model, lr, warmup):
 # 7. Data: demonstrations, the base policy pi0, successful rollouts, KL observations (cached, keyed)
 # --------------------------------------------------------------------------------------------------
 
-SEEDS = dict(train=0, eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000, samples=50_000)
+SEEDS = dict(train=0, eval=10_000, prior_demos=20_000, base_new_demos=30_000, kl=40_000, samples=50_000,
+             demos=60_000)
 
 
 def cached(folder, kind, settings, build):
@@ -1302,7 +1321,8 @@ def sft_dataset(args, arm, seed, setup, out):
         if args.env != NEW_TASK:
             sys.exit(f"error: the scripted demonstrator acts in {NEW_TASK} only; for {args.env} pass another "
                      f"policy's episodes with --demos FOLDER (format: docs/vla_finetune.md)")
-        return collect_demos(env, args.env, grid, out / "cache", expert=motion_planning_demonstrator)
+        starts = demonstration_starts(args.grid, args.demos_per_position)
+        return collect_demos(env, args.env, starts, out / "cache", expert=motion_planning_demonstrator)
     starts = grid * args.samples_per_position
     if arm == "sft-pi0":
         return successful_rollouts(setup["model"], setup["processor"], env, args.env, starts, setup["stats"],

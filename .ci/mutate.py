@@ -170,6 +170,8 @@ MUTATIONS = {
          '[{"params": list(p.values()), "lr": configs[0].lr} for p in per_run]'),
     ]),
     "vla_finetune.py": (["test_vla_finetune.py"], [
+        ("SFT's demonstrator acts once at each grid centre",
+         "starts = demonstration_starts(args.grid, args.demos_per_position)", "starts = training_grid(args.grid)"),
         ("forward and reverse KL swapped in the recorded KL",
          "per_dim.append(kl.forward_kl(base, logits).cpu())", "per_dim.append(kl.forward_kl(logits, base).cpu())"),
         ("the KL summed over observations, not averaged",
