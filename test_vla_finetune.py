@@ -262,6 +262,13 @@ def test_training_grid_covers_pickcubes_range_and_is_not_the_evaluation_set():
     assert {s for s, _ in grid}.isdisjoint({s for s, _ in vla.evaluation_starts(vla.parse_args(["--method", "plot"]))})
 
 
+def test_only_placespheres_initial_pose_warning_is_silenced():
+    import logging
+    record = lambda message: logging.LogRecord("mani_skill ", logging.WARNING, "", 0, message, None, None)  # noqa: E731
+    assert not vla.not_the_initial_pose_warning(record("No initial pose set for actor builder of sphere, ..."))
+    assert vla.not_the_initial_pose_warning(record('Requested to use render device "sapien_cuda", ...'))
+
+
 def test_demonstrations_lie_within_their_grid_cells_at_distinct_seeds():
     grid, starts = vla.training_grid(8), vla.demonstration_starts(8, 10)
     assert len(starts) == 640 and starts == vla.demonstration_starts(8, 10)  # the same on every call

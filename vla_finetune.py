@@ -726,6 +726,12 @@ def widowx_to_bridge_action(env_action):
 CAMERA = ((0.3, 0.0, 0.22), (-0.05, 0.0, 0.02), 0.9)
 
 
+def not_the_initial_pose_warning(record):
+    """PlaceSphere's scene warns at every reset that its ball and bin have no initial pose (its reset places
+    them): two log lines per episode that would bury the progress bars. Every other message passes."""
+    return "No initial pose set" not in record.getMessage()
+
+
 @functools.cache  # one simulator per task, resolution, horizon and camera: starting the renderer takes seconds
 def make_env(env_id, image_size, horizon, camera=CAMERA, num_envs=1):
     """A ManiSkill3 env for a task. The stand-in's tasks: `pd_ee_delta_pose` and the fixed CAMERA. A Bridge
@@ -737,7 +743,10 @@ def make_env(env_id, image_size, horizon, camera=CAMERA, num_envs=1):
         sys.exit(f"error: {error}; install the simulator: pip install -r requirements-vla.txt (the stand-in) or "
                  f"requirements-openvla.txt (OpenVLA)")
     from mani_skill.utils import assets, download_asset, sapien_utils
+    from mani_skill.utils.logging_utils import logger
     from mani_skill.utils.registration import REGISTERED_ENVS
+
+    logger.addFilter(not_the_initial_pose_warning)  # once: the same filter is not added twice
 
     task = task_info(env_id)
     scene = task.get("scene", env_id)
