@@ -1131,7 +1131,7 @@ class FakeVectorEnv:
     def reset(self, seed, options):
         seeds = seed if isinstance(seed, list) else [seed]
         layouts = torch.atleast_1d(torch.as_tensor(options["episode_id"]))
-        self.bar = torch.tensor([0.02 * (s % 4) + 0.001 * int(l) for s, l in zip(seeds, layouts)])
+        self.bar = torch.tensor([0.1 * (s % 4) + 0.001 * int(l) for s, l in zip(seeds, layouts)])
         self.progress, self.step_count, self.seeds = torch.zeros(self.num_envs), 0, seeds
         return self.obs()
 
