@@ -226,7 +226,7 @@ MUTATIONS = {
         ("REINFORCE's loss averaged over an episode's steps",
          'aggregation="constant", max_tokens=1', 'aggregation="sequence_mean", max_tokens=1'),
         ("sft-demonstrator imitates pi0's own expert",
-         'grid, out / "cache", expert=motion_planning_demonstrator)', 'grid, out / "cache", expert=None)'),
+         'starts, out / "cache", expert=motion_planning_demonstrator)', 'starts, out / "cache", expert=None)'),
         ("--samples-per-position ignored", "starts = grid * args.samples_per_position", "starts = grid * 4"),
         ("failed samples imitated too", "            if success:\n                kept.append",
          "            if True:\n                kept.append"),
