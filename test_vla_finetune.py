@@ -666,9 +666,9 @@ def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_a
 
 @pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
 def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, arm):
-    """sft-demonstrator: the other demonstrator's episodes, --demos-per-position in each grid cell; sft-pi0: pi0's own sampled
-    episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the finished
-    GRPO run of the same seed."""
+    """sft-demonstrator: the other demonstrator's episodes, --demos-per-position in each grid cell; sft-pi0: pi0's
+    own sampled episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the
+    finished GRPO run of the same seed."""
     args = tiny_args(stand_in, "--method", arm, "--samples-per-position", "3", "--demos-per-position", "2",
                      "--grpo-lr", "0.002")
     pi0, processor = vla.load_policy(stand_in)
@@ -789,7 +789,8 @@ def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and
     sft_step = vla.sft_step
     monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[4:]) or sft_step(*a))
     args = vla.parse_args(["--method", "bc", "--out-dir", str(tmp_path), "--image-size", "32", "--horizon", "2",
-                           "--prior-envs", "PushCube-v1", "PullCube-v1", "--prior-demos", "3", "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
+                           "--prior-envs", "PushCube-v1", "PullCube-v1", "--prior-demos", "3",
+                           "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
     vla.behaviour_clone(args, tmp_path)
     starts = {e: [c["start"] for c in sim.calls if c["env_id"] == e] for e in experts}
     assert starts == {"PickCube-v1": [(vla.SEEDS["base_new_demos"] + i, None) for i in range(2)],
@@ -921,8 +922,9 @@ def drop_wall(rows):
 @pytest.mark.parametrize("method", ["grpo-kl", "sft-demonstrator"])
 def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, tmp_path, method):
     tiny = ["--method", method, "--model", stand_in, "--prior-envs", "PushCube-v1", "--image-size", "32",
-            "--grid", "1", "--demos-per-position", "2", "--batch-size", "8", "--iterations", "2", "--states-per-iter", "1",
-            "--group-size", "2", "--eval-points", "2", "--eval-episodes", "1", "--kl-episodes", "1"]
+            "--grid", "1", "--demos-per-position", "2", "--batch-size", "8", "--iterations", "2",
+            "--states-per-iter", "1", "--group-size", "2", "--eval-points", "2", "--eval-episodes", "1",
+            "--kl-episodes", "1"]
     if method == "grpo-kl":
         tiny += ["--horizon", "3"]  # RL needs no success to run; the demonstrator needs ~14 steps
     runs = {}

@@ -147,8 +147,8 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("micro_batch", "num_envs", "horizon", "prior_demos", "bc_steps", "grid", "samples_per_position",
-                 "demos_per_position", "sft_epochs", "batch_size", "iterations", "states_per_iter", "group_size", "eval_episodes",
-                 "kl_episodes", "image_size"):
+                 "demos_per_position", "sft_epochs", "batch_size", "iterations", "states_per_iter", "group_size",
+                 "eval_episodes", "kl_episodes", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.eval_points < 2:
