@@ -642,7 +642,9 @@ def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_a
     for c in sim.calls:
         for image, tokens in c["records"]:
             ids, pixels = vla.encode(processor, model, INSTRUCTION, [image])
-            assert torch.equal(tokens, vla.sample_action_tokens(model, ids, pixels, replay)[0])
+            row_seed = int(torch.randint(2 ** 62, (1,), generator=replay))  # each step's row: its own stream
+            drawn = vla.sample_action_tokens(model, ids, pixels, torch.Generator().manual_seed(row_seed))
+            assert torch.equal(tokens, drawn[0])
     (update,) = updates
     assert update["model"] is model and update["instruction"] == INSTRUCTION
     assert update["episodes"] == [c["records"] for c in sim.calls]
