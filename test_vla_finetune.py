@@ -453,6 +453,18 @@ def test_optimizer_is_adamw_without_weight_decay_and_a_linear_warmup_to_the_give
     np.testing.assert_allclose(lrs, [0.75e-4, 1.5e-4, 2.25e-4, 3e-4, 3e-4, 3e-4])
 
 
+def test_behaviour_cloning_decays_its_rate_to_zero_on_a_cosine_after_the_warmup():
+    optimizer, scheduler = vla.make_optimizer(torch.nn.Linear(2, 2), 1e-3, warmup=2, cosine_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    progress = (np.arange(2, 10) - 2) / 8
+    np.testing.assert_allclose(lrs, [0.0, 5e-4] + list(1e-3 * 0.5 * (1 + np.cos(np.pi * progress))), atol=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last step
+
+
 def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(stand_in, batch):
     open_, closed = vla.to_env_action(np.r_[np.zeros(6), 1.0]), vla.to_env_action(np.r_[np.zeros(6), 0.0])
     assert open_[6] == 1.0 and closed[6] == -1.0  # OpenVLA: 1 = open; ManiSkill: +1 = open
@@ -787,9 +799,10 @@ def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and
                "PullCube-v1": lambda env: np.r_[-0.2, 0, 0, 0, 0, 0, -1.0]}
     for env_id, expert in experts.items():
         monkeypatch.setitem(vla.TASKS[env_id], "expert", expert)
-    batches = []
+    batches, lrs = [], []
     sft_step = vla.sft_step
-    monkeypatch.setattr(vla, "sft_step", lambda *a: batches.append(a[4:]) or sft_step(*a))
+    monkeypatch.setattr(vla, "sft_step",
+                        lambda *a: batches.append(a[4:]) or lrs.append(a[2].param_groups[0]["lr"]) or sft_step(*a))
     args = vla.parse_args(["--method", "bc", "--out-dir", str(tmp_path), "--image-size", "32", "--horizon", "2",
                            "--prior-envs", "PushCube-v1", "PullCube-v1", "--prior-demos", "3",
                            "--new-demos-in-base", "2", "--bc-steps", "12", "--batch-size", "2"])
@@ -804,6 +817,8 @@ def test_pi0_is_cloned_on_prior_task_demos_plus_some_new_task_demos_one_task_and
     assert stats == vla.action_stats(all_actions)
     tokens_of = {e: vla.actions_to_tokens(vla.normalize_actions(a, stats)).tolist() for e, a in actions.items()}
     assert len(batches) == 12 and all(len(tokens) == 2 for _, _, tokens in batches)
+    # a 1-step warm-up (a tenth of the steps) to --bc-lr, then a cosine decay towards 0
+    assert lrs[1] == pytest.approx(args.bc_lr) and all(np.diff(lrs[1:]) < 0) and lrs[-1] < 0.03 * args.bc_lr
     tasks = set()
     for instruction, _, tokens in batches:  # one task per batch, under that task's instruction
         (env_id,) = [e for e in experts if tokens.tolist() == [tokens_of[e]] * 2]

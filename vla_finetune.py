@@ -111,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
     p.add_argument("--new-demos-in-base", type=int, default=300, help="new-task demos mixed into pi0's data")
     p.add_argument("--bc-steps", type=int, default=8000)
-    p.add_argument("--bc-lr", type=float, default=1e-3)
+    p.add_argument("--bc-lr", type=float, default=1e-3, help="peak; cosine decay to 0 over --bc-steps")
     # fine-tuning (paper App. B.2: a 10 x 10 grid, 5 trajectories per grid point per iteration)
     p.add_argument("--grid", type=int, default=8, help="training positions: an N x N grid of cube positions")
     p.add_argument("--samples-per-position", type=int, default=4,
@@ -1049,10 +1049,14 @@ def rl_step(model, processor, optimizer, scheduler, instruction, episodes, advan
     scheduler.step()
 
 
-def make_optimizer(model, lr, warmup):
-    """AdamW, weight decay 0, constant learning rate after a linear warm-up (App. B.2)."""
+def make_optimizer(model, lr, warmup, cosine_steps=None):
+    """AdamW, weight decay 0, constant learning rate after a linear warm-up (App. B.2); with cosine_steps, the
+    rate decays to 0 over them instead (pi0's behaviour cloning: the final loss without the noise of a high
+    constant rate)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if cosine_steps:
+        return optimizer, transformers.get_cosine_schedule_with_warmup(optimizer, warmup, cosine_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     return optimizer, scheduler
 
@@ -1209,7 +1213,7 @@ def behaviour_clone(args, out):
     model, processor = load_policy(str(build_stand_in(out / "stand_in_init", args.image_size, stats, seed=0)))
     batches = {e: episodes_to_batch(d, stats["maniskill"]) for e, d in data.items()}
     sizes = np.array([len(tokens) for _, tokens in batches.values()], np.float64)
-    optimizer, scheduler = make_optimizer(model, args.bc_lr, warmup=50)
+    optimizer, scheduler = make_optimizer(model, args.bc_lr, min(50, args.bc_steps // 10), cosine_steps=args.bc_steps)
     rng = np.random.default_rng(0)  # one pi0 for every fine-tuning seed, as the paper has one OpenVLA
     bar = tqdm(range(args.bc_steps), desc="behaviour cloning pi0")
     for _ in bar:

@@ -237,6 +237,8 @@ MUTATIONS = {
         ("demonstrations not normalised with pi0's statistics",
          "torch.as_tensor(actions_to_tokens(normalize_actions(actions, stats)))",
          "torch.as_tensor(actions_to_tokens(actions))"),
+        ("pi0 cloned at a constant rate, no cosine decay",
+         "min(50, args.bc_steps // 10), cosine_steps=args.bc_steps)", "min(50, args.bc_steps // 10))"),
         ("--lr ignored", "make_optimizer(model, lr, args.warmup_steps)",
          "make_optimizer(model, ARMS[arm][2], args.warmup_steps)"),
         ("episodes counted per position", 'state["episodes_seen"] += args.states_per_iter * args.group_size',
