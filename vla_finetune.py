@@ -108,9 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--num-envs", type=int, default=None,
                    help="episodes simulated at once (ManiSkill's GPU simulation when > 1; default: 1, OpenVLA 16)")
     # the base policy pi0
-    p.add_argument("--prior-demos", type=int, default=300, help="expert episodes per prior task for pi0")
+    p.add_argument("--prior-demos", type=int, default=600, help="expert episodes per prior task for pi0")
     p.add_argument("--new-demos-in-base", type=int, default=300, help="new-task demos mixed into pi0's data")
-    p.add_argument("--bc-steps", type=int, default=8000)
+    p.add_argument("--bc-steps", type=int, default=16000)
     p.add_argument("--bc-lr", type=float, default=1e-3, help="peak; cosine decay to 0 over --bc-steps")
     # fine-tuning (paper App. B.2: a 10 x 10 grid, 5 trajectories per grid point per iteration)
     p.add_argument("--grid", type=int, default=8, help="training positions: an N x N grid of cube positions")
