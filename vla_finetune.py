@@ -1569,7 +1569,7 @@ def law_points(rows):
     """The forgetting law's points: pi0 once (every run's step 0 is pi0 itself), then every run's later
     points; the group of a point is its run, so that the bootstrap resamples whole runs."""
     points = [r for r in rows if r["run"] == "base"][:1] + [r for r in rows if r.get("arm") in ARMS]
-    return (np.array([r["forward_kl"] for r in points]), np.array([r["new_success"] for r in points]),
+    return (np.array([r["forward_kl"] for r in points]), np.array([r["prior_mean"] for r in points]),
             [r["run"] for r in points])
 
 
