@@ -480,18 +480,22 @@ def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(
 
 
 def test_the_defaults_are_the_documented_design():
-    """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 4 episodes per iteration, 16 iterations, KL
-    coefficient 0.1 (Fig. 3), 4 samples per position, 10 demonstrations per cell, 1 SFT epoch of 32 frames,
-    100 evaluation episodes."""
+    """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 8 episodes per iteration, 24 iterations, KL
+    coefficient 0.1 (Fig. 3), 4 samples per position, 10 demonstrations per cell, 16 SFT epochs of 32 frames,
+    100 evaluation episodes; OpenVLA keeps groups of 4, 16 iterations and the paper's 1 SFT epoch."""
     args = vla.parse_args(["--method", "grpo"])
-    assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 4, 16, 0.1)
-    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 1, 32, 100)
+    assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 8, 24, 0.1)
+    assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 16, 32, 100)
+    real = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b"])
+    assert (real.group_size, real.iterations, real.sft_epochs) == (4, 16, 1)
+    mine = vla.parse_args(["--method", "grpo", "--group-size", "3", "--iterations", "5", "--sft-epochs", "2"])
+    assert (mine.group_size, mine.iterations, mine.sft_epochs) == (3, 5, 2)
     assert args.demos_per_position == 10
     assert (args.env, args.prior_envs) == ("PickCube-v1", ["PlaceSphere-v1", "LiftPegUpright-v1"])
     assert (args.horizon, args.eval_points) == (20, 4)
     assert {arm: (kind, lr) for arm, (kind, _, lr) in vla.ARMS.items()} == {
         "grpo": ("rl", 3e-4), "reinforce": ("rl", 3e-4), "grpo-kl": ("rl", 3e-4),
-        "sft-demonstrator": ("sft", 1e-4), "sft-pi0": ("sft", 1e-4), "sft-rl": ("sft", 1e-4)}
+        "sft-demonstrator": ("sft", 3e-4), "sft-pi0": ("sft", 3e-4), "sft-rl": ("sft", 3e-4)}
     assert args.grpo_lr == vla.ARMS["grpo"][2]
 
 
@@ -558,7 +562,7 @@ def tiny_args(stand_in, *extra):
                            "--horizon", "2", "--grid", "2",
                            "--eval-episodes", "3", "--kl-episodes", "2", "--eval-points", "2", "--iterations", "2",
                            "--states-per-iter", "2", "--group-size", "2", "--samples-per-position", "2",
-                           "--batch-size", "4", "--demos-per-position", "1", *extra])
+                           "--batch-size", "4", "--demos-per-position", "1", "--sft-epochs", "1", *extra])
 
 
 def greedy_tokens(model, processor, image, instruction=INSTRUCTION):
@@ -941,7 +945,7 @@ def test_runs_are_deterministic_resumable_and_never_duplicate_a_line(stand_in, t
     tiny = ["--method", method, "--model", stand_in, "--prior-envs", "PushCube-v1", "--image-size", "32",
             "--grid", "1", "--demos-per-position", "2", "--batch-size", "8", "--iterations", "2",
             "--states-per-iter", "1", "--group-size", "2", "--eval-points", "2", "--eval-episodes", "1",
-            "--kl-episodes", "1"]
+            "--kl-episodes", "1", "--sft-epochs", "1"]
     if method == "grpo-kl":
         tiny += ["--horizon", "3"]  # RL needs no success to run; the demonstrator needs ~14 steps
     runs = {}
