@@ -482,14 +482,10 @@ def test_policy_actions_decode_tokens_with_pi0s_statistics_and_openvlas_gripper(
 def test_the_defaults_are_the_documented_design():
     """docs/vla_finetune.md's table: 8 x 8 grid, 16 positions x 8 episodes per iteration, 24 iterations, KL
     coefficient 0.1 (Fig. 3), 4 samples per position, 10 demonstrations per cell, 16 SFT epochs of 32 frames,
-    100 evaluation episodes; OpenVLA keeps groups of 4, 16 iterations and the paper's 1 SFT epoch."""
+    100 evaluation episodes (OpenVLA's own: test_openvla_gets_memory_safe_defaults_and_the_stand_in_keeps_its_own)."""
     args = vla.parse_args(["--method", "grpo"])
     assert (args.grid, args.states_per_iter, args.group_size, args.iterations, args.kl_coef) == (8, 16, 8, 24, 0.1)
     assert (args.samples_per_position, args.sft_epochs, args.batch_size, args.eval_episodes) == (4, 16, 32, 100)
-    real = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b"])
-    assert (real.group_size, real.iterations, real.sft_epochs) == (4, 16, 1)
-    mine = vla.parse_args(["--method", "grpo", "--group-size", "3", "--iterations", "5", "--sft-epochs", "2"])
-    assert (mine.group_size, mine.iterations, mine.sft_epochs) == (3, 5, 2)
     assert args.demos_per_position == 10
     assert (args.env, args.prior_envs) == ("PickCube-v1", ["PlaceSphere-v1", "LiftPegUpright-v1"])
     assert (args.horizon, args.eval_points) == (20, 4)
@@ -1044,8 +1040,10 @@ def test_a_full_checkpoint_keeps_its_format_and_strict_load(stand_in, tmp_path):
 def test_openvla_gets_memory_safe_defaults_and_the_stand_in_keeps_its_own():
     real = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b"])
     assert (real.lora, real.micro_batch, real.gradient_checkpointing, real.image_size) == (True, 8, True, 224)
-    mine = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b", "--no-lora", "--micro-batch", "4"])
-    assert (mine.lora, mine.micro_batch) == (False, 4)
+    assert (real.group_size, real.iterations, real.sft_epochs) == (4, 16, 1)  # the paper's one SFT epoch
+    mine = vla.parse_args(["--method", "grpo", "--model", "openvla/openvla-7b", "--no-lora", "--micro-batch", "4",
+                           "--group-size", "3", "--iterations", "5", "--sft-epochs", "2"])
+    assert (mine.lora, mine.micro_batch, mine.group_size, mine.iterations, mine.sft_epochs) == (False, 4, 3, 5, 2)
     stand_in = vla.parse_args(["--method", "grpo"])
     assert (stand_in.lora, stand_in.micro_batch, stand_in.gradient_checkpointing, stand_in.image_size) == (
         False, 64, False, 64)
