@@ -679,7 +679,7 @@ def test_an_rl_iteration_samples_groups_at_one_position_and_gives_each_arm_its_a
 
 
 @pytest.mark.parametrize("arm", ["sft-demonstrator", "sft-pi0", "sft-rl"])
-def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, arm):
+def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch, capsys, arm):
     """sft-demonstrator: the other demonstrator's episodes, --demos-per-position in each grid cell; sft-pi0: pi0's
     own sampled episodes, --samples-per-position per position, successful ones only; sft-rl: the same from the
     finished GRPO run of the same seed."""
@@ -717,6 +717,7 @@ def test_each_sft_arm_imitates_its_own_data(stand_in, sim, tmp_path, monkeypatch
     assert sorted(c["start"] for c in sim.calls) == sorted(grid * 3)
     kept = [c for c in sim.calls if c["success"]]
     assert 0 < len(kept) < len(sim.calls) and len(episodes) == len(kept)
+    assert f"{len(kept)} of {len(sim.calls)} sampled episodes succeeded" in capsys.readouterr().out  # the yield, said
     for episode, c in zip(episodes, kept):
         assert episode["start"] == c["start"]
         assert torch.equal(episode["tokens"], torch.stack([tokens for _, tokens in c["records"]]))

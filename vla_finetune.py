@@ -1133,7 +1133,10 @@ def successful_rollouts(model, processor, env, env_id, starts, stats, seed, fold
             sys.exit(f"error: the policy succeeded in none of {len(starts)} sampled episodes, so there is nothing "
                      f"to imitate; raise --samples-per-position")
         return kept
-    return cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
+    kept = cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
+    # the sampled success rate: how often a group of on-policy episodes holds a success at all (docs, Results)
+    print(f"{env_id}: {len(kept)} of {len(starts)} sampled episodes succeeded ({len(kept) / len(starts):.2f}), kept")
+    return kept
 
 
 def load_demonstrations(folder, instruction, image_size, stats):
