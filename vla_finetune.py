@@ -1134,7 +1134,8 @@ def successful_rollouts(model, processor, env, env_id, starts, stats, seed, fold
                      f"to imitate; raise --samples-per-position")
         return kept
     kept = cached(folder, "samples", dict(env.settings, policy=policy_key, starts=starts, seed=seed), build)
-    # the sampled success rate: how often a group of on-policy episodes holds a success at all (docs, Results)
+    # the per-episode sampled success rate, from which the docs (Results) derive how often an RL group of
+    # episodes from one position is all failures and so carries no gradient
     print(f"{env_id}: {len(kept)} of {len(starts)} sampled episodes succeeded ({len(kept) / len(starts):.2f}), kept")
     return kept
 
